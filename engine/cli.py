@@ -1,0 +1,240 @@
+"""``settle``: the command line. Every subcommand is a small function over the shared parts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine import config as configmod
+from engine.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, SettleError, WalError
+
+T = TypeVar("T")
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML config (default: built-in defaults; "
+                        "see config/settle.toml for every key)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one key, e.g. --set wal.batch_trades_max=512 (repeatable)")
+
+
+def _load(args: argparse.Namespace) -> configmod.Config:
+    return configmod.load(args.config, args.set)
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine import supervisor
+    from engine.child import setup_logging
+
+    config = _load(args)
+    setup_logging("supervisor")
+    print(f"settle: {config.shard_count} shards, store {config.store.kind}, data in {config.data_path}, "
+          f"ME {config.me.publish}", file=sys.stderr)
+    return supervisor.run(config, Path(args.log_dir) if args.log_dir else None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import demo
+
+    return demo(args)
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from engine import mesim
+
+    return mesim.main(args.sim_args)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from engine.recover import recover
+
+    config = _load(args)
+    return _run_async(recover(config, args.shard, from_store=args.from_store,
+                              repair_corruption=args.repair_corruption))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from engine.status import status
+
+    config = _load(args)
+    return _run_async(status(config, as_json=args.json))
+
+
+def cmd_balances(args: argparse.Namespace) -> int:
+    from engine.store import open_store
+
+    config = _load(args)
+
+    async def read() -> dict[str, int]:
+        store = await open_store(config.store, create_schema=False)
+        try:
+            return await store.balances(args.account)
+        finally:
+            await store.close()
+
+    balances = _run_async(read())
+    if args.json:
+        print(json.dumps({"account": args.account, "balances": balances}))
+    elif not balances:
+        print(f"account {args.account}: no balances")
+    else:
+        width = max(len(a) for a in balances)
+        print(f"account {args.account} (minor units)")
+        for asset in sorted(balances):
+            print(f"  {asset:<{width}}  {balances[asset]:>24}")
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from engine.store import open_store
+
+    config = _load(args)
+    if config.store.kind == "cassandra":
+        from engine.store.schema import migrate
+
+        for statement in _run_async(migrate(config.store.cassandra)):
+            print(statement.strip().splitlines()[0])
+        return 0
+
+    async def create() -> None:
+        store = await open_store(config.store)
+        await store.close()
+
+    _run_async(create())
+    print(f"embedded store ready at {config.store.path}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from engine.checker import check
+    from engine.errors import EXIT_VERIFY_FAILED
+    from engine.store import open_store
+
+    config = _load(args)
+
+    async def go() -> int:
+        store = await open_store(config.store, create_schema=False)
+        try:
+            report = await check(args.log, store, config.engine.fee_account,
+                                 expect_complete=not args.partial)
+        finally:
+            await store.close()
+        print(report.format())
+        return 0 if report.ok else EXIT_VERIFY_FAILED
+
+    return _run_async(go())
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="settle",
+        description="Exactly-once settlement of a matching engine's trades into ScyllaDB (or an embedded store).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the engine: supervisor, router and shards")
+    _config_args(p)
+    p.add_argument("--log-dir", help="write each child's log to DIR/<slot>.log instead of stderr")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="simulator + engine on the embedded store, then verify every trade")
+    p.add_argument("--trades", type=int, default=200_000, help="trades to publish (default 200000)")
+    p.add_argument("--shards", type=int, default=0, help="shard processes (default: one per core)")
+    p.add_argument("--rate", type=int, default=0, help="trades/s to publish (default 0: flat out)")
+    p.add_argument("--symbols", type=int, default=16, help="symbols (default 16)")
+    p.add_argument("--accounts", type=int, default=1000, help="accounts (default 1000)")
+    p.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
+    p.add_argument("--data-dir", help="where WALs, store and logs go (default: a fresh temporary directory)")
+    p.add_argument("--store", choices=["embedded", "cassandra"], default="embedded")
+    p.add_argument("--config", "-c", metavar="FILE", help="base config (ports, store settings)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up when nothing settles for this long")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("sim", help="the reference matching-engine simulator (see `settle sim --help`)",
+                       add_help=False)
+    p.add_argument("sim_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_sim)
+
+    p = sub.add_parser("recover", help="offline: repair a shard's WAL and re-settle its pending records")
+    _config_args(p)
+    p.add_argument("--shard", type=int, required=True, help="shard slot")
+    p.add_argument("--from-store", action="store_true",
+                   help="the WAL is lost: take watermarks from the store and replay the rest from the ME")
+    p.add_argument("--repair-corruption", action="store_true",
+                   help="truncate a segment damaged in the middle at the damage (the ME's replay refills)")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("status", help="per shard and symbol: watermark, WAL bytes and segments, pending")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("balances", help="an account's balances, from the configured store")
+    _config_args(p)
+    p.add_argument("account", type=int, help="account id")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_balances)
+
+    p = sub.add_parser("db", help="store administration")
+    dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    m = dbsub.add_parser("migrate", help="create the keyspace/schema idempotently")
+    _config_args(m)
+    m.set_defaults(func=cmd_db_migrate)
+
+    p = sub.add_parser("check", help="verify the store against the ME's log: every trade exactly once")
+    _config_args(p)
+    p.add_argument("--log", required=True, help="the ME simulator's log file")
+    p.add_argument("--partial", action="store_true", help="do not require every published trade settled")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sim"]:  # the simulator owns its flags, --help included
+        from engine import mesim
+
+        return mesim.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ConfigError as e:
+        print(f"settle: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WalError as e:
+        print(f"settle: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SettleError as e:
+        print(f"settle: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The wire protocol: every message on a socket or in a WAL is one of these Structs.
+
+Frames are MessagePack maps; the ``kind`` key tags the union. Each socket decodes with exactly one
+Decoder bound to the union it may carry (see ``docs/protocol.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+import msgspec
+
+AMOUNT_MAX: Final = 2**62  # exclusive bound on every amount, price, quantity and fee
+SCALE_MAX: Final = 18
+SYMBOL_PATTERN: Final = r"^[A-Z0-9]{1,15}-[A-Z0-9]{1,15}\Z"  # \Z: `$` would accept a trailing newline
+
+Seq = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+SeqOrZero = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Positive = Annotated[int, msgspec.Meta(gt=0, lt=AMOUNT_MAX)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, lt=AMOUNT_MAX)]
+Scale = Annotated[int, msgspec.Meta(ge=0, le=SCALE_MAX)]
+Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN)]
+Side = Literal["buy", "sell"]
+
+
+class Trade(msgspec.Struct, tag="trade", tag_field="kind", frozen=True, forbid_unknown_fields=True):
+    """One execution. ``seq`` is contiguous per symbol from 1; ``output_sequence`` is the ME's global order."""
+
+    output_sequence: Seq
+    symbol: Symbol
+    seq: Seq
+    trade_id: Id
+    price: Positive  # quote minor units per one whole base unit (10**qty_scale base minor units)
+    price_scale: Scale  # decimals of the quote asset
+    qty: Positive  # base minor units
+    qty_scale: Scale  # decimals of the base asset
+    buyer: Id
+    seller: Id
+    buy_order_id: Id
+    sell_order_id: Id
+    taker_side: Side
+    buyer_fee: NonNegative  # quote minor units, paid by the buyer on top of the notional
+    seller_fee: NonNegative  # quote minor units, withheld from the seller's proceeds
+    ts_ns: Id  # ME execution time, ns since the Unix epoch
+
+
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="kind", frozen=True, forbid_unknown_fields=True):
+    """The ME's latest published ``seq`` for one symbol (0 before its first trade)."""
+
+    symbol: Symbol
+    seq: SeqOrZero
+    ts_ns: Id
+
+
+class ReplayRequest(msgspec.Struct, tag="replay_req", tag_field="kind", frozen=True, forbid_unknown_fields=True):
+    """Ask the ME for ``symbol`` trades ``from_seq..to_seq`` inclusive; ``to_seq == 0`` means up to the latest."""
+
+    request_id: Id
+    symbol: Symbol
+    from_seq: Seq
+    to_seq: SeqOrZero
+
+
+class ReplayChunk(msgspec.Struct, tag="replay_chunk", tag_field="kind", frozen=True, forbid_unknown_fields=True):
+    request_id: Id
+    symbol: Symbol
+    trades: list[Trade]
+
+
+class ReplayEnd(msgspec.Struct, tag="replay_end", tag_field="kind", frozen=True, forbid_unknown_fields=True):
+    """Closes a replay: ``last_seq`` is the last trade sent (``from_seq - 1`` when none were)."""
+
+    request_id: Id
+    symbol: Symbol
+    last_seq: SeqOrZero
+
+
+ReplayErrorCode = Literal["not_retained", "unknown_symbol", "bad_request"]
+
+
+class ReplayFailed(msgspec.Struct, tag="replay_error", tag_field="kind", frozen=True, forbid_unknown_fields=True):
+    request_id: Id
+    symbol: str
+    code: ReplayErrorCode
+    message: str
+
+
+StreamMessage = Trade | Heartbeat
+ReplayReply = ReplayChunk | ReplayEnd | ReplayFailed
+
+encoder: Final = msgspec.msgpack.Encoder()
+
+
+def stream_decoder() -> msgspec.msgpack.Decoder[StreamMessage]:
+    """For the ME PUB stream and the router-to-shard hop."""
+    return msgspec.msgpack.Decoder(StreamMessage)
+
+
+def trade_decoder() -> msgspec.msgpack.Decoder[Trade]:
+    """For WAL records and the ME's own log."""
+    return msgspec.msgpack.Decoder(Trade)
+
+
+def replay_request_decoder() -> msgspec.msgpack.Decoder[ReplayRequest]:
+    return msgspec.msgpack.Decoder(ReplayRequest)
+
+
+def replay_reply_decoder() -> msgspec.msgpack.Decoder[ReplayReply]:
+    return msgspec.msgpack.Decoder(ReplayReply)
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """``"BTC-USDT"`` -> ``("BTC", "USDT")``: base asset, quote asset."""
+    base, _, quote = symbol.partition("-")
+    return base, quote
+
+
+def notional(trade: Trade) -> int:
+    """Quote minor units that change hands: ``price * qty // 10**qty_scale`` (rounded down)."""
+    value: int = trade.price * trade.qty // 10**trade.qty_scale
+    return value
+
+
+def check_trade(trade: Trade) -> str | None:
+    """Cross-field checks msgspec cannot express. Returns a reason, or None when the trade is sound."""
+    base, quote = split_symbol(trade.symbol)
+    if base == quote:
+        return f"symbol {trade.symbol!r} has the same base and quote asset"
+    value = notional(trade)
+    if value <= 0:
+        return f"notional rounds to {value}: price {trade.price} x qty {trade.qty} / 10^{trade.qty_scale}"
+    if value + trade.buyer_fee >= AMOUNT_MAX:
+        return f"notional {value} plus buyer fee {trade.buyer_fee} overflows the amount bound 2^62"
+    if trade.seller_fee > value:
+        return f"seller fee {trade.seller_fee} exceeds the notional {value}"
+    return None

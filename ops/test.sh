@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian machine, then run the whole suite.
+#   bash ops/test.sh              # everything (unit, integration with real Cassandra/Prometheus, chaos)
+#   bash ops/test.sh tests/unit   # any pytest arguments narrow it
+# Needs root for apt-get (or the packages already installed); Java 17 and Maven for Cassandra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash ops/install.sh
+
+# Fetch the Cassandra jars once (cached under .cache/), so the test session only starts the server.
+bash ops/cassandra/cassandra.sh fetch
+
+workers="${SETTLE_TEST_WORKERS:-4}"
+if [ "$#" -eq 0 ]; then set -- tests; fi
+exec python3 -m pytest -n "$workers" --durations=15 "$@"

@@ -1,0 +1,3 @@
+from router.router import main
+
+raise SystemExit(main())

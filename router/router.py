@@ -1,0 +1,186 @@
+"""The router: one SUB socket to the ME, one PUSH socket per shard, nothing else.
+
+Every frame is decoded and checked once here. A sound trade or heartbeat is forwarded, as the very bytes
+the ME sent, to the shard that owns its symbol (:func:`engine.placement.shard_for`). Anything else is
+quarantined with its reason and counted; it never stops the frames behind it. When a shard's socket is
+full (the shard is restarting or slow) its messages wait in a bounded queue; past the bound they are
+dropped and counted, and the shard's gap detection brings them back from the ME's log. One shard's
+trouble never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import deque
+from typing import Final
+
+import msgspec
+import zmq
+
+from engine import metrics as metricsmod
+from engine.child import Lifeline, child_args, load_child_config, setup_logging
+from engine.config import Config
+from engine.messages import Heartbeat, StreamMessage, check_trade, stream_decoder
+from engine.placement import shard_for
+from engine.quarantine import Quarantine
+
+FRAME_BYTES_MAX: Final = 64 * 1024
+DRAIN_BATCH: Final = 4096
+BEAT_INTERVAL_S: Final = 1.0
+
+log = logging.getLogger("settle.router")
+
+
+def classify(error: msgspec.DecodeError) -> str:
+    """A short, fixed label for the metric; the full message goes to the quarantine file."""
+    text = str(error)
+    if isinstance(error, msgspec.ValidationError):
+        return "unknown_kind" if "`$.kind`" in text else "invalid"
+    return "malformed"
+
+
+class Router:
+    def __init__(self, config: Config, lifeline: Lifeline | None = None) -> None:
+        self.config = config
+        self.shards = config.shard_count
+        self.lifeline = lifeline or Lifeline(None)
+        self.registry = metricsmod.new_registry()
+        self.m = metricsmod.RouterMetrics(self.registry)
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.RCVHWM, config.router.rcvhwm)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.pushes: list[zmq.Socket[bytes]] = []
+        for shard in range(self.shards):
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, 100_000)
+            push.setsockopt(zmq.LINGER, 2000)
+            push.connect(config.shard_endpoint(shard))
+            self.pushes.append(push)
+        self.queues: list[deque[bytes]] = [deque() for _ in range(self.shards)]
+        self.quarantine = Quarantine(config.quarantine_path, "router", self.m.quarantined)
+        self._placement: dict[str, int] = {}
+        self._forwarded = [self.m.forwarded.labels(str(s)) for s in range(self.shards)]
+        self._dropped = [self.m.dropped.labels(str(s)) for s in range(self.shards)]
+        self._depth = [self.m.queue_depth.labels(str(s)) for s in range(self.shards)]
+        self.stopping = False
+
+    def shard_of(self, symbol: str) -> int:
+        shard = self._placement.get(symbol)
+        if shard is None:
+            shard = self._placement[symbol] = shard_for(symbol, self.shards)
+        return shard
+
+    def route(self, frame: bytes, decoder: msgspec.msgpack.Decoder[StreamMessage]) -> None:
+        if len(frame) > FRAME_BYTES_MAX:
+            self.quarantine.put("oversize", f"frame of {len(frame)} bytes exceeds {FRAME_BYTES_MAX}", frame)
+            return
+        try:
+            msg = decoder.decode(frame)
+        except msgspec.DecodeError as e:
+            self.quarantine.put(classify(e), str(e), frame)
+            return
+        if not isinstance(msg, Heartbeat):
+            reason = check_trade(msg)
+            if reason is not None:
+                self.quarantine.put("unsound", reason, frame)
+                return
+        self.send(self.shard_of(msg.symbol), frame)
+
+    def send(self, shard: int, frame: bytes) -> None:
+        queue = self.queues[shard]
+        if not queue:
+            try:
+                self.pushes[shard].send(frame, zmq.NOBLOCK, copy=False)
+                self._forwarded[shard].inc()
+                return
+            except zmq.Again:
+                pass
+        if len(queue) >= self.config.router.shard_queue_max:
+            self._dropped[shard].inc()
+            return
+        queue.append(frame)
+
+    def flush_queues(self) -> None:
+        for shard, queue in enumerate(self.queues):
+            push = self.pushes[shard]
+            sent = 0
+            while queue:
+                try:
+                    push.send(queue[0], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                queue.popleft()
+                sent += 1
+            if sent:
+                self._forwarded[shard].inc(sent)
+            self._depth[shard].set(len(queue))
+
+    def run(self) -> None:
+        self.sub.connect(self.config.me.publish)
+        self.lifeline.ready()
+        decoder = stream_decoder()
+        sub = self.sub
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        next_beat = time.monotonic()
+        received = self.m.received
+        while not self.stopping:
+            busy = any(self.queues)
+            if poller.poll(10 if busy else 100):
+                count = 0
+                for _ in range(DRAIN_BATCH):
+                    try:
+                        frame = sub.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    count += 1
+                    self.route(frame, decoder)
+                received.inc(count)
+            if busy or any(self.queues):
+                self.flush_queues()
+            now = time.monotonic()
+            if now >= next_beat:
+                self.lifeline.beat()
+                for shard, queue in enumerate(self.queues):
+                    self._depth[shard].set(len(queue))
+                next_beat = now + BEAT_INTERVAL_S
+        self.drain()
+
+    def drain(self) -> None:
+        """On stop: stop intake, hand what is queued to the shards (bounded wait), close."""
+        self.sub.close(0)
+        deadline = time.monotonic() + self.config.supervisor.drain_timeout_s
+        while any(self.queues) and time.monotonic() < deadline:
+            self.flush_queues()
+            time.sleep(0.01)
+        for push in self.pushes:
+            push.close(linger=2000)
+        self.quarantine.close()
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = child_args("settle router process (started by the supervisor)", argv, shard=False)
+    config = load_child_config(args)
+    setup_logging("router")
+    router = Router(config, Lifeline(args.ready_fd))
+    if config.metrics.enabled:
+        metricsmod.serve(router.registry, config.metrics.host, config.metrics.router_port)
+    terms = 0
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal terms
+        terms += 1
+        if terms > 1:
+            raise SystemExit(1)
+        router.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    log.info("router: %d shards, ME %s", router.shards, config.me.publish)
+    router.run()
+    return 0

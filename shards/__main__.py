@@ -1,0 +1,3 @@
+from shards.shard import main
+
+raise SystemExit(main())

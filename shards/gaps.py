@@ -1,0 +1,219 @@
+"""Gap filling: ask the ME's replay endpoint for every sequence range a shard is missing.
+
+A gap opens when a trade arrives past ``accepted + 1`` or a heartbeat says the ME has published past
+``accepted``. After a short grace period the filler sends a :class:`ReplayRequest` for the missing range
+(at most ``REQUEST_TRADES_MAX`` at a time), checks every reply (right symbol, contiguous from the first
+sequence asked, each trade sound) and hands the trades to intake, where they join the live path:
+duplicates between replayed and live trades are dropped there. Requests time out and are retried with
+backoff; an unreachable ME never stops the shard: the gap stays open, visible in status and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine.config import Config
+from engine.messages import (
+    ReplayChunk,
+    ReplayEnd,
+    ReplayFailed,
+    ReplayRequest,
+    Trade,
+    check_trade,
+    encoder,
+    replay_reply_decoder,
+)
+from engine.metrics import ShardMetrics
+from shards.state import Sequencer
+
+REQUEST_TRADES_MAX: Final = 10_000
+GAP_GRACE_NS: Final = 50_000_000
+REPLY_TIMEOUT_S: Final = 3.0
+BACKOFF_S_MIN: Final = 0.1
+BACKOFF_S_MAX: Final = 5.0
+TICK_S: Final = 0.05
+
+log = logging.getLogger("settle.gaps")
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: int
+    symbol: str
+    next_seq: int  # the sequence the next replayed trade must carry
+    to_seq: int
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Backoff:
+    delay_s: float = 0.0
+    not_before: float = 0.0
+
+
+class GapFiller:
+    def __init__(self, config: Config, shard: int, sequencer: Sequencer, m: ShardMetrics,
+                 deliver: Callable[[list[Trade]], None]) -> None:
+        self._config = config
+        self._shard = shard
+        self._seq = sequencer
+        self._m = m
+        self._deliver = deliver
+        self._requests: dict[int, _Request] = {}
+        self._by_symbol: dict[str, int] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self._next_id = 1
+        self._sock: zmq.asyncio.Socket | None = None
+        self.tail_wanted: set[str] = set(sequencer.symbols)  # at start-up: whatever the ME has past us
+
+    async def run(self) -> None:
+        ctx = zmq.asyncio.Context.instance()
+        sock = self._sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue requests for an ME that is not connected
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self._config.me.replay)
+        receiver = asyncio.create_task(self._receive(sock))
+        try:
+            while True:
+                self._send_due(sock)
+                self._expire()
+                await asyncio.sleep(TICK_S)
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def in_flight(self, symbol: str) -> bool:
+        return symbol in self._by_symbol
+
+    # ---------------------------------------------------------------- requests
+
+    def _wanted(self, now_ns: int) -> list[tuple[str, int, int]]:
+        out: list[tuple[str, int, int]] = []
+        for st in self._seq.symbols.values():
+            if st.symbol in self._by_symbol:
+                continue
+            gap = st.gap
+            if gap is not None and now_ns - st.gap_since_ns >= GAP_GRACE_NS:
+                first, last = gap
+                out.append((st.symbol, first, min(last, first + REQUEST_TRADES_MAX - 1)))
+            elif st.symbol in self.tail_wanted:
+                first = st.accepted + 1
+                out.append((st.symbol, first, first + REQUEST_TRADES_MAX - 1))
+        return out
+
+    def _send_due(self, sock: zmq.asyncio.Socket) -> None:
+        now = time.monotonic()
+        for symbol, first, last in self._wanted(time.monotonic_ns()):
+            backoff = self._backoff.get(symbol)
+            if backoff is not None and now < backoff.not_before:
+                continue
+            request_id = self._next_id
+            self._next_id += 1
+            frame = encoder.encode(ReplayRequest(request_id=request_id, symbol=symbol, from_seq=first, to_seq=last))
+            try:
+                sock.send(frame, zmq.NOBLOCK)
+            except zmq.Again:
+                self._fail(symbol, "unreachable")
+                continue
+            self._requests[request_id] = _Request(request_id, symbol, first, last, now + REPLY_TIMEOUT_S)
+            self._by_symbol[symbol] = request_id
+            self._m.replay_requests.inc()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for request in [r for r in self._requests.values() if r.deadline < now]:
+            self._finish(request)
+            self._fail(request.symbol, "timeout")
+
+    def _finish(self, request: _Request) -> None:
+        self._requests.pop(request.request_id, None)
+        if self._by_symbol.get(request.symbol) == request.request_id:
+            del self._by_symbol[request.symbol]
+
+    def _fail(self, symbol: str, reason: str) -> None:
+        self._m.replay_rejected.labels(str(self._shard), reason).inc()
+        backoff = self._backoff.setdefault(symbol, _Backoff())
+        backoff.delay_s = min(max(BACKOFF_S_MIN, backoff.delay_s * 2), BACKOFF_S_MAX)
+        backoff.not_before = time.monotonic() + backoff.delay_s
+        log.warning("shard %d: replay for %s failed (%s); retrying in %.1fs", self._shard, symbol, reason,
+                    backoff.delay_s)
+
+    # ---------------------------------------------------------------- replies
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        decoder = replay_reply_decoder()
+        while True:
+            frame = await sock.recv()
+            try:
+                reply = decoder.decode(frame)
+            except msgspec.DecodeError as e:
+                self._m.replay_rejected.labels(str(self._shard), "malformed").inc()
+                log.warning("shard %d: malformed replay reply dropped: %s", self._shard, e)
+                continue
+            request = self._requests.get(reply.request_id)
+            if request is None:
+                self._m.replay_rejected.labels(str(self._shard), "stale").inc()
+                continue
+            if reply.symbol != request.symbol:
+                self._finish(request)
+                self._fail(request.symbol, "wrong_symbol")
+                continue
+            match reply:
+                case ReplayChunk(trades=trades):
+                    problem = self._check_chunk(request, trades)
+                    if problem is not None:
+                        self._finish(request)
+                        self._fail(request.symbol, problem)
+                        continue
+                    if trades:
+                        request.next_seq = trades[-1].seq + 1
+                        request.deadline = time.monotonic() + REPLY_TIMEOUT_S
+                        self._m.replayed.inc(len(trades))
+                        self._deliver(trades)
+                case ReplayEnd(last_seq=last_seq):
+                    self._finish(request)
+                    if last_seq != request.next_seq - 1:
+                        self._fail(request.symbol, "hole")
+                        continue
+                    self._backoff.pop(request.symbol, None)
+                    if last_seq < request.to_seq:
+                        self.tail_wanted.discard(request.symbol)  # the ME has nothing further
+                case ReplayFailed(code=code, message=message):
+                    self._finish(request)
+                    if code == "unknown_symbol":
+                        self.tail_wanted.discard(request.symbol)
+                    log.error("shard %d: the ME refused a replay of %s: %s (%s)", self._shard, request.symbol,
+                              message, code)
+                    self._fail(request.symbol, code)
+
+    @staticmethod
+    def _check_chunk(request: _Request, trades: list[Trade]) -> str | None:
+        expected = request.next_seq
+        for trade in trades:
+            if trade.symbol != request.symbol:
+                return "wrong_symbol"
+            if trade.seq != expected:
+                return "hole"
+            if check_trade(trade) is not None:
+                return "malformed"
+            expected += 1
+        if expected - 1 > request.to_seq:
+            return "hole"
+        return None

@@ -1,0 +1,454 @@
+"""One shard: PULL trades for its symbols, write them to per-symbol WALs, settle them in the store.
+
+Three stages run on one event loop, each bounded:
+
+1. **intake** drains the PULL socket, drops duplicates, holds trades past a gap, and appends the rest to
+   the WAL buffer;
+2. **group commit** writes the buffered records and fdatasyncs each dirty WAL once, when
+   ``batch_trades_max`` trades are buffered or ``fsync_wait_us_max`` has passed since the first one;
+3. **settle** hands fsynced trades to the store, in batches, and advances the watermarks; WAL segments
+   the store already holds are deleted.
+
+No store write for a trade happens before its WAL record is fsynced. While the store is down the WAL
+keeps accepting up to ``pending_trades_max`` trades, then intake pauses and the router's queues fill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from typing import Final
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine import metrics as metricsmod
+from engine.child import Lifeline, child_args, load_child_config, setup_logging
+from engine.config import Config
+from engine.errors import EXIT_WAL_CORRUPT, ReplayError, SettleError, WalCorruption, WalError
+from engine.messages import Heartbeat, Trade, check_trade, stream_decoder
+from engine.placement import shard_for
+from engine.progress import Progress
+from engine.quarantine import Quarantine
+from engine.settlement import Settler
+from engine.store import Store, open_store
+from engine.store.base import Batch
+from engine.wal import RecoveryReport, ShardWal
+from shards.gaps import GapFiller
+from shards.state import Sequencer
+
+STORE_BATCH_TRADES_MAX: Final = 20_000
+RECOVERY_BATCH_TRADES: Final = 20_000
+CHECKPOINT_INTERVAL_S: Final = 1.0
+RETRY_BACKOFF_S_MAX: Final = 2.0
+WAL_LOCK_WAIT_S: Final = 60.0
+
+log = logging.getLogger("settle.shard")
+
+
+class Shard:
+    def __init__(self, config: Config, shard: int, lifeline: Lifeline | None = None) -> None:
+        self.config = config
+        self.shard = shard
+        self.lifeline = lifeline or Lifeline(None)
+        self.registry = metricsmod.new_registry()
+        self.m = metricsmod.ShardMetrics(self.registry, shard)
+        self.seq = Sequencer(config.wal.gap_buffer_max)
+        self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
+        self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
+        self._replayed: deque[list[Trade]] = deque()  # replies from the ME, accepted by intake
+        self._settle_wakeup = asyncio.Event()
+        self._intake_space = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._intake_done = asyncio.Event()
+        self.wal: ShardWal | None = None
+        self.store: Store | None = None
+        self.settler: Settler | None = None
+        self.gaps: GapFiller | None = None
+        self.recovery: RecoveryReport | None = None
+        self.recovered_count = 0
+
+    # ---------------------------------------------------------------- start-up and recovery
+
+    async def start(self, *, repair_corruption: bool = False, progress: Progress | None = None) -> None:
+        """Open the store and the WAL, re-settle every WAL record above the store's watermark."""
+        cfg = self.config
+        self.store = await self._retry("connect to the store", lambda: open_store(cfg.store))
+        self.settler = Settler(self.store, cfg.engine.fee_account)
+        self.wal = await self._open_wal()
+        report = self.wal.recover(repair_corruption=repair_corruption,
+                                  progress=progress.update if progress else None)
+        self.recovery = report
+        for path, offset, dropped in report.torn_tails:
+            log.warning("shard %d: torn WAL tail truncated: %s at byte %d (%d bytes dropped)",
+                        self.shard, path, offset, dropped)
+        store = self.store
+        watermarks = await self._retry("read watermarks", store.watermarks)
+        for symbol, seq in watermarks.items():
+            st = self.seq.state(symbol)
+            st.settled = st.accepted = seq
+        recovered = await self._resettle_wal(watermarks, progress)
+        for symbol in self.wal.symbols():
+            st = self.seq.state(symbol)
+            st.accepted = max(st.accepted, self.wal.last_seq(symbol))
+        self._drop_foreign_symbols()
+        for symbol, st in self.seq.symbols.items():
+            if self.wal.last_seq(symbol) < st.settled:
+                self.wal.start_after(symbol, st.settled)  # a lost or new WAL continues at the store's watermark
+        self.wal.checkpoint({s: st.settled for s, st in self.seq.symbols.items()})
+        self._publish_watermarks()
+        self.m.recovered.inc(recovered)
+        self.recovered_count = recovered
+        log.info("shard %d: recovered %d WAL records over %d segments, %d re-settled; ready",
+                 self.shard, report.records, report.segments, recovered)
+
+    async def _open_wal(self) -> ShardWal:
+        """Take the WAL; a predecessor that is still draining holds its lock for a moment, so wait."""
+        cfg = self.config
+        deadline = time.monotonic() + WAL_LOCK_WAIT_S
+        while True:
+            try:
+                return ShardWal(cfg.wal_path(self.shard), segment_bytes_max=cfg.wal.segment_bytes_max,
+                                fsync=cfg.wal.fsync, shard=self.shard)
+            except WalError as e:
+                if "in use" not in str(e) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _resettle_wal(self, watermarks: dict[str, int], progress: Progress | None = None) -> int:
+        assert self.wal is not None
+        total = 0
+        pending = sum(max(0, self.wal.last_seq(s) - watermarks.get(s, 0)) for s in self.wal.symbols())
+        if progress is not None:
+            progress.restart("re-settle", pending)
+        for symbol in self.wal.symbols():
+            chunk: list[Trade] = []
+            for trade in self.wal.read_after(symbol, watermarks.get(symbol, 0)):
+                chunk.append(trade)
+                if len(chunk) >= RECOVERY_BATCH_TRADES:
+                    await self._settle_batch(chunk)
+                    total += len(chunk)
+                    chunk = []
+                    if progress is not None:
+                        progress.update(total, pending)
+            if chunk:
+                await self._settle_batch(chunk)
+                total += len(chunk)
+        if progress is not None:
+            progress.update(total, pending)
+        return total
+
+    async def catch_up_from_me(self, progress: Progress | None = None, idle_timeout_s: float = 30.0) -> int:
+        """Offline (``recover --from-store``): replay from the ME everything past what we hold, settle it."""
+        assert self.wal is not None
+        gaps = self.gaps = GapFiller(self.config, self.shard, self.seq, self.m, self._replayed.append)
+        task = asyncio.create_task(gaps.run())
+        total = 0
+        last_progress = time.monotonic()
+        try:
+            while gaps.tail_wanted or self.seq.open_gaps() or self._replayed:
+                await asyncio.sleep(0.05)
+                while self._replayed:
+                    for trade in self._replayed.popleft():
+                        self._accept(trade)
+                if self.wal.buffered:
+                    total += self.wal.buffered
+                    await self._group_commit()
+                    chunk = list(self.unsettled)
+                    self.unsettled.clear()
+                    await self._settle_batch(chunk)
+                    last_progress = time.monotonic()
+                    if progress is not None:
+                        if total == len(chunk):
+                            progress.restart("replay from the ME", 0)
+                        progress.update(total)
+                elif time.monotonic() - last_progress > idle_timeout_s:
+                    missing = ", ".join(sorted(gaps.tail_wanted | {st.symbol for st in self.seq.open_gaps()}))
+                    raise ReplayError(f"shard {self.shard}: the ME at {self.config.me.replay} answered nothing for "
+                                      f"{idle_timeout_s:.0f}s; still missing: {missing}")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return total
+
+    def _drop_foreign_symbols(self) -> None:
+        """Symbols this shard does not own under the current placement are not tracked (another shard is)."""
+        count = self.config.shard_count
+        for symbol in list(self.seq.symbols):
+            if shard_for(symbol, count) != self.shard:
+                del self.seq.symbols[symbol]
+
+    # ---------------------------------------------------------------- the three stages
+
+    async def run(self) -> None:
+        await self.start()
+        ctx = zmq.asyncio.Context.instance()
+        sock = ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.LINGER, 0)
+        endpoint = self.config.shard_endpoint(self.shard)
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://"):]
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        sock.bind(endpoint)
+        self.gaps = GapFiller(self.config, self.shard, self.seq, self.m, self._replayed.append)
+        self.m.ready.set(1)
+        self.lifeline.ready()
+        tasks = [
+            asyncio.create_task(self._intake(sock), name="intake"),
+            asyncio.create_task(self._settle_loop(), name="settle"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self.gaps.run(), name="gaps"),
+        ]
+        try:
+            await self._stopping.wait()
+            await self._shutdown(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            sock.close(0)
+            await self.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Stop intake after draining what already arrived, fsync, flush to the store, close."""
+        await asyncio.wait_for(self._intake_done.wait(), timeout=self.config.supervisor.drain_timeout_s)
+        deadline = time.monotonic() + self.config.supervisor.drain_timeout_s
+        while self.unsettled and time.monotonic() < deadline:
+            self._settle_wakeup.set()
+            await asyncio.sleep(0.01)
+        if self.unsettled:
+            log.warning("shard %d: %d fsynced trades not yet in the store at exit; the next start settles them",
+                        self.shard, len(self.unsettled))
+
+    async def _intake(self, sock: zmq.asyncio.Socket) -> None:
+        assert self.wal is not None
+        wal, cfg = self.wal, self.config.wal
+        raw = zmq.Socket.shadow(sock.underlying)
+        decoder = stream_decoder()
+        quarantine = Quarantine(self.config.quarantine_path, f"shard-{self.shard}", self.m.quarantined)
+        batch_max = cfg.batch_trades_max
+        wait_s = cfg.fsync_wait_us_max / 1e6
+        pending_max = cfg.pending_trades_max
+        first_at = 0.0
+        try:
+            while True:
+                stopping = self._stopping.is_set()
+                if wal.buffered and (wal.buffered >= batch_max or time.monotonic() - first_at >= wait_s or stopping):
+                    await self._group_commit()
+                while self._replayed:
+                    replayed = self._replayed.popleft()
+                    if replayed and not wal.buffered:
+                        first_at = time.monotonic()
+                    for trade in replayed:
+                        self._accept(trade)
+                if len(self.unsettled) + wal.buffered >= pending_max:
+                    self._intake_space.clear()
+                    await self._intake_space.wait()
+                    continue
+                timeout_ms = 100 if not wal.buffered else max(0, int((first_at + wait_s - time.monotonic()) * 1000))
+                if stopping:
+                    timeout_ms = 50  # drain what is already queued, then stop
+                if not await sock.poll(timeout_ms, zmq.POLLIN):
+                    if stopping and not wal.buffered:
+                        return
+                    continue
+                for _ in range(batch_max):
+                    try:
+                        frame = raw.recv(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = decoder.decode(frame)
+                    except msgspec.DecodeError as e:
+                        quarantine.put("malformed", str(e), frame)
+                        continue
+                    if isinstance(msg, Heartbeat):
+                        self._on_heartbeat(msg)
+                        continue
+                    reason = check_trade(msg)
+                    if reason is not None:
+                        quarantine.put("unsound", reason, frame)
+                        continue
+                    self.m.received.inc()
+                    if not wal.buffered:
+                        first_at = time.monotonic()
+                    self._accept(msg)
+        finally:
+            quarantine.close()
+            self._intake_done.set()
+
+    def _accept(self, trade: Trade) -> None:
+        assert self.wal is not None
+        ready = self.seq.offer(trade, time.monotonic_ns())
+        if ready is None:
+            self.m.duplicates.inc()
+            return
+        for t in ready:
+            self.wal.append(t)
+            self._buffered.append(t)
+
+    def _on_heartbeat(self, hb: Heartbeat) -> None:
+        if shard_for(hb.symbol, self.config.shard_count) != self.shard:
+            return
+        self.seq.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
+        self.m.me_latest.labels(str(self.shard), hb.symbol).set(hb.seq)
+
+    async def _group_commit(self) -> None:
+        """Write and fdatasync every dirty WAL, then hand the trades to the settle stage."""
+        assert self.wal is not None
+        wal = self.wal
+        trades, self._buffered = self._buffered, []
+        count = len(trades)
+        assert count == wal.buffered, (count, wal.buffered)
+        started = time.perf_counter()
+        backoff = 0.01
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, wal.commit)
+                break
+            except WalError as e:
+                # A full disk or an I/O error: nothing was acknowledged; keep the records and retry.
+                log.error("shard %d: WAL commit failed, retrying in %.2fs: %s", self.shard, backoff, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+        self.m.fsync.observe(time.perf_counter() - started)
+        self.m.group_commit.observe(count)
+        self.unsettled.extend(trades)
+        self.m.wal_pending.set(len(self.unsettled))
+        self._settle_wakeup.set()
+
+    async def _settle_loop(self) -> None:
+        while True:
+            await self._settle_wakeup.wait()
+            self._settle_wakeup.clear()
+            while self.unsettled:
+                n = min(len(self.unsettled), STORE_BATCH_TRADES_MAX)
+                chunk = [self.unsettled[i] for i in range(n)]
+                await self._settle_batch(chunk)
+                for _ in range(n):
+                    self.unsettled.popleft()
+                self.m.wal_pending.set(len(self.unsettled))
+                self._intake_space.set()
+
+    async def _settle_batch(self, trades: list[Trade]) -> None:
+        """Settle trades that are already durable in the WAL; retries until the store has them."""
+        assert self.settler is not None and self.store is not None
+        batch = await self._retry("read positions", lambda: self._prepare(trades))
+        started = time.perf_counter()
+        self.m.store_inflight.set(1)
+        await self._retry("write a batch", lambda: self._write(batch))
+        self.m.store_inflight.set(0)
+        self.m.store_write.observe(time.perf_counter() - started)
+        self.m.store_batch.observe(len(trades))
+        now_ns = time.time_ns()
+        lag = self.m.settle_lag
+        for trade in trades:
+            lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
+        for symbol, seq in batch.watermarks.items():
+            st = self.seq.state(symbol)
+            st.settled = max(st.settled, seq)
+            st.accepted = max(st.accepted, seq)
+        self.m.settled.inc(len(trades))
+
+    async def _prepare(self, trades: list[Trade]) -> Batch:
+        assert self.settler is not None
+        return await self.settler.prepare(trades)
+
+    async def _write(self, batch: Batch) -> None:
+        assert self.store is not None
+        await self.store.write(batch)
+
+    async def _retry(self, what: str, op):  # type: ignore[no-untyped-def]
+        """Run ``op`` until it succeeds; retriable errors back off, others propagate."""
+        backoff = 0.05
+        while True:
+            try:
+                return await op()
+            except SettleError as e:
+                if not e.retriable:
+                    raise
+                self.m.store_errors.inc()
+                log.warning("shard %d: %s failed, retrying in %.2fs: %s", self.shard, what, backoff, e)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+
+    async def _housekeeping(self) -> None:
+        assert self.wal is not None
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            self.lifeline.beat()
+            settled = {s: st.settled for s, st in self.seq.symbols.items()}
+            await asyncio.get_running_loop().run_in_executor(None, self.wal.checkpoint, settled)
+            self._publish_watermarks()
+
+    def _publish_watermarks(self) -> None:
+        assert self.wal is not None
+        shard = str(self.shard)
+        for symbol, st in self.seq.symbols.items():
+            self.m.watermark.labels(shard, symbol).set(st.settled)
+        stats = self.wal.stats()
+        self.m.wal_bytes.set(sum(s.bytes for s in stats.values()))
+        self.m.wal_segments.set(sum(s.segments for s in stats.values()))
+        self.m.gaps_open.set(len(self.seq.open_gaps()))
+        self.m.gap_held.set(self.seq.held_total)
+
+    async def close(self) -> None:
+        if self.gaps is not None:
+            self.gaps.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.wal is not None:
+            self.wal.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = child_args("settle shard process (started by the supervisor)", argv, shard=True)
+    config = load_child_config(args)
+    setup_logging(f"shard-{args.shard}")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; this only guards odd platforms
+        pass
+    shard = Shard(config, args.shard, Lifeline(args.ready_fd))
+    if config.metrics.enabled:
+        metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    terms = 0
+
+    def on_term() -> None:
+        nonlocal terms
+        terms += 1
+        if terms > 1:
+            os._exit(1)  # a second SIGTERM: exit at once; the WAL has everything acknowledged
+        shard.stop()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    try:
+        loop.run_until_complete(shard.run())
+    except WalCorruption as e:
+        log.error("%s", e)
+        return EXIT_WAL_CORRUPT
+    except SettleError as e:
+        log.error("shard %d stopped: %s", args.shard, e)
+        print(f"settle shard {args.shard}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    return 0

@@ -1,0 +1,89 @@
+"""Per-symbol sequencing inside a shard: what is accepted, what is settled, what waits behind a gap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.messages import Trade
+
+
+@dataclass(slots=True)
+class SymbolState:
+    """``settled <= accepted``: accepted trades are in the WAL (maybe not yet fsynced), settled ones in the store."""
+
+    symbol: str
+    accepted: int = 0
+    settled: int = 0
+    me_latest: int = 0  # the ME's latest sequence as last heard (heartbeat or trade)
+    held: dict[int, Trade] = field(default_factory=dict)  # trades past a gap, by seq
+    gap_since_ns: int = 0  # monotonic ns when the current gap opened; 0 when none
+
+    @property
+    def gap(self) -> tuple[int, int] | None:
+        """The missing range ``(first, last)`` inclusive, or None."""
+        if self.me_latest > self.accepted or self.held:
+            last = min(self.held) - 1 if self.held else self.me_latest
+            if last > self.accepted:
+                return self.accepted + 1, last
+        return None
+
+
+class Sequencer:
+    """Decides, for each incoming trade, whether it is next, a duplicate or past a gap."""
+
+    def __init__(self, held_max: int) -> None:
+        self.symbols: dict[str, SymbolState] = {}
+        self._held_max = held_max
+        self.held_total = 0
+        self.held_dropped = 0
+
+    def state(self, symbol: str) -> SymbolState:
+        st = self.symbols.get(symbol)
+        if st is None:
+            st = self.symbols[symbol] = SymbolState(symbol)
+        return st
+
+    def offer(self, trade: Trade, now_ns: int) -> list[Trade] | None:
+        """Trades now in order to append (the trade and any held ones it unblocks); None for a duplicate."""
+        st = self.state(trade.symbol)
+        seq = trade.seq
+        if seq > st.me_latest:
+            st.me_latest = seq
+        if seq <= st.accepted:
+            return None
+        if seq != st.accepted + 1:
+            if seq in st.held:
+                return None
+            if len(st.held) >= self._held_max:
+                self.held_dropped += 1  # replay brings it back; the buffer stays bounded
+            else:
+                st.held[seq] = trade
+                self.held_total += 1
+            if not st.gap_since_ns:
+                st.gap_since_ns = now_ns
+            return []
+        out = [trade]
+        st.accepted = seq
+        held = st.held
+        if held.pop(seq, None) is not None:
+            self.held_total -= 1
+        while held:
+            nxt = held.pop(st.accepted + 1, None)
+            if nxt is None:
+                break
+            self.held_total -= 1
+            out.append(nxt)
+            st.accepted += 1
+        if st.gap is None:
+            st.gap_since_ns = 0
+        return out
+
+    def heartbeat(self, symbol: str, seq: int, now_ns: int) -> None:
+        st = self.state(symbol)
+        if seq > st.me_latest:
+            st.me_latest = seq
+        if st.gap is not None and not st.gap_since_ns:
+            st.gap_since_ns = now_ns
+
+    def open_gaps(self) -> list[SymbolState]:
+        return [st for st in self.symbols.values() if st.gap is not None]

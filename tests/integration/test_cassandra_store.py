@@ -1,0 +1,292 @@
+"""The store contract (tests/contract.py) on a real Cassandra, plus what only a networked store can do:
+lose its server mid-write, and get it back.
+
+Every test works in keyspaces of its own (random names), so tests are independent of each other and
+of their order. The server starts once per session; the tests that kill a server get one of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import CassandraConfig, ReplicationConfig
+from engine.errors import ConfigError, StoreRejected, StoreUnavailable
+from engine.settlement import Settler
+from engine.store.base import Batch, Store
+from engine.store.cassandra import CassandraStore
+from engine.store.schema import migrate
+from tests import contract
+from tests.servers.cassandra import CassandraServer, CassandraServerError
+
+pytestmark = pytest.mark.integration
+
+
+def _start_or_skip(data_dir: Path) -> CassandraServer:
+    server = CassandraServer()
+    try:
+        return server.start(data_dir)
+    except (CassandraServerError, OSError) as e:
+        reason = f"cannot start Cassandra with ops/cassandra/cassandra.sh: {e}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cassandra_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
+    server = _start_or_skip(tmp_path_factory.mktemp("cassandra"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[CassandraServer]:
+    """A server this test may kill."""
+    server = _start_or_skip(tmp_path / "cassandra")
+    yield server
+    server.stop()
+
+
+def config_for(server: CassandraServer, keyspace: str, **overrides: Any) -> CassandraConfig:
+    return CassandraConfig(contact_points=[server.host], port=server.port, keyspace=keyspace, **overrides)
+
+
+def new_keyspace() -> str:
+    return f"t{uuid.uuid4().hex[:16]}"
+
+
+def factory(server: CassandraServer, **overrides: Any) -> contract.OpenStore:
+    prefix = new_keyspace()
+
+    async def open_store(name: str) -> Store:
+        return await CassandraStore.open(config_for(server, f"{prefix}_{name}", **overrides), create_schema=True)
+
+    return open_store
+
+
+@pytest.mark.parametrize("check", contract.CHECKS, ids=contract.check_id)
+def test_contract(check: Callable[[contract.OpenStore], Awaitable[None]], cassandra_server: CassandraServer) -> None:
+    asyncio.run(check(factory(cassandra_server)))
+
+
+LOGGED_CHECKS = [
+    contract.check_replay_is_idempotent,
+    contract.check_crash_mid_batch_then_resettle,
+    contract.check_stale_replay_changes_nothing,
+    contract.check_conservation,
+]
+
+
+@pytest.mark.parametrize("check", LOGGED_CHECKS, ids=contract.check_id)
+def test_contract_logged_batches(
+    check: Callable[[contract.OpenStore], Awaitable[None]], cassandra_server: CassandraServer
+) -> None:
+    asyncio.run(check(factory(cassandra_server, logged_batches=True)))
+
+
+def test_big_batch_spans_partitions_without_batch_warnings(
+    cassandra_server: CassandraServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shard-sized batch: many trades per symbol, accounts with many positions. The server warns
+    (and the driver logs it) when a batch exceeds its size threshold; ours never should."""
+    trades = contract.stream(contract.SYMBOLS, 700, accounts=40, seed=5)
+
+    async def main() -> None:
+        for logged in (False, True):
+            store = await CassandraStore.open(
+                config_for(cassandra_server, new_keyspace(), logged_batches=logged), create_schema=True
+            )
+            try:
+                await contract.settle(store, trades)
+                assert await contract.balances_of(store, range(41)) == contract.expected_balances(trades)
+                assert await store.ledger("ETH-BTC") == [
+                    (t.seq, t.trade_id) for t in trades if t.symbol == "ETH-BTC"
+                ]
+            finally:
+                await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="cassandra"):
+        asyncio.run(main())
+    warnings = [r.getMessage() for r in caplog.records if "batch" in r.getMessage().lower()]
+    assert warnings == []
+
+
+def test_migrate_is_idempotent_and_open_without_schema_says_what_to_do(cassandra_server: CassandraServer) -> None:
+    keyspace = new_keyspace()
+    config = config_for(cassandra_server, keyspace)
+
+    async def main() -> None:
+        with pytest.raises(StoreRejected, match=rf"keyspace '{keyspace}'.*settle db migrate"):
+            await CassandraStore.open(config, create_schema=False)
+        applied = await migrate(config)
+        assert applied[0].startswith(f"CREATE KEYSPACE IF NOT EXISTS {keyspace} ")
+        assert "'class': 'SimpleStrategy', 'replication_factor': 1" in applied[0]
+        assert len(applied) == 5
+        assert await migrate(config) == applied
+        store = await CassandraStore.open(config, create_schema=False)
+        try:
+            await store.write(Batch([contract.trade("BTC-USDT", 1, 1, 2)], {}, {"BTC-USDT": 1}))
+            assert await store.watermarks() == {"BTC-USDT": 1}
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_network_topology_replication(cassandra_server: CassandraServer) -> None:
+    keyspace = new_keyspace()
+    replication = ReplicationConfig(strategy="NetworkTopologyStrategy", datacenters={"datacenter1": 1})
+    config = config_for(cassandra_server, keyspace, replication=replication, local_dc="datacenter1")
+
+    async def main() -> None:
+        applied = await migrate(config)
+        assert "'class': 'NetworkTopologyStrategy', 'datacenter1': 1" in applied[0]
+        await contract.check_watermarks_never_go_backwards(factory(cassandra_server, local_dc="datacenter1"))
+
+    asyncio.run(main())
+    with pytest.raises(ConfigError, match="datacenters is empty"):
+        asyncio.run(migrate(config_for(cassandra_server, keyspace, replication=ReplicationConfig(
+            strategy="NetworkTopologyStrategy"))))  # fmt: skip
+
+
+def test_password_is_read_at_open_and_never_shown(cassandra_server: CassandraServer, tmp_path: Path) -> None:
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    password_file = tmp_path / "password"
+    password_file.write_text(secret + "\n")
+    config = config_for(cassandra_server, new_keyspace(), username="settle", password_file=str(password_file))
+
+    async def main() -> None:
+        # The test server allows everyone; the driver still builds its authenticator from the file.
+        store = await CassandraStore.open(config, create_schema=True)
+        try:
+            assert secret not in repr(store)
+            assert secret not in str(vars(store))
+        finally:
+            await store.close()
+        missing = config_for(cassandra_server, new_keyspace(), username="settle", password_env="SETTLE_NO_SUCH_VAR")
+        with pytest.raises(ConfigError, match="password_env names 'SETTLE_NO_SUCH_VAR'"):
+            await CassandraStore.open(missing, create_schema=True)
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_no_server_is_store_unavailable_naming_the_contact_point() -> None:
+    port = _free_port()
+    config = CassandraConfig(contact_points=["127.0.0.1"], port=port, request_timeout_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=rf"cassandra at 127\.0\.0\.1:{port}.*cannot connect") as info:
+        asyncio.run(CassandraStore.open(config, create_schema=True))
+    assert info.value.retriable
+    assert time.monotonic() - started < 15
+
+
+async def _write_until_it_succeeds(store: Store, batch: Batch, deadline_s: float) -> int:
+    """What the shard's retry loop does; returns how many attempts failed first."""
+    failures = 0
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            await store.write(batch)
+            return failures
+        except StoreUnavailable:
+            failures += 1
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+def test_server_killed_mid_write_then_restarted(own_server: CassandraServer) -> None:
+    """SIGKILL the server while a write is in flight: the write fails with StoreUnavailable in bounded
+    time (no hang), writes while it is down fail the same way, and once it is back the same store object
+    (the same driver session) writes again and the data is exactly that of settling once."""
+    first = contract.stream(contract.SYMBOLS, 50, accounts=30, seed=71)
+    second = contract.stream(contract.SYMBOLS, 1500, accounts=300, seed=72, first_seq=51)
+    third = contract.stream(contract.SYMBOLS, 20, accounts=30, seed=73, first_seq=1551)
+    config = config_for(own_server, new_keyspace(), request_timeout_s=2.0)
+
+    async def main() -> None:
+        store = await CassandraStore.open(config, create_schema=True)
+        try:
+            settler = Settler(store, contract.FEE)
+            await contract.settle(store, first, settler)
+            batch = await settler.prepare(second)  # large: thousands of requests
+
+            write = asyncio.create_task(store.write(batch))
+            await asyncio.sleep(0.05)
+            assert not write.done(), "the write finished before the kill; make the batch bigger"
+            await asyncio.to_thread(own_server.kill9)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=r"cassandra at 127\.0\.0\.1:\d+") as info:
+                await asyncio.wait_for(write, timeout=60)
+            assert info.value.retriable
+            assert time.monotonic() - started < 30
+
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(store.write(batch), timeout=60)
+            assert time.monotonic() - started < 30
+
+            await asyncio.to_thread(own_server.restart, hard=True)  # not running: just starts it again
+            await _write_until_it_succeeds(store, batch, deadline_s=60)
+            await contract.settle(store, third, settler)
+
+            reference = await CassandraStore.open(config_for(own_server, new_keyspace()), create_schema=True)
+            try:
+                await contract.settle(reference, first + second + third)
+                want = await contract.snapshot(reference)
+            finally:
+                await reference.close()
+            assert await contract.snapshot(store) == want
+            expected = contract.expected_balances(first + second + third)
+            assert await contract.balances_of(store, range(301)) == expected
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_server_killed_between_writes_then_restarted(own_server: CassandraServer) -> None:
+    """Acknowledged writes survive a SIGKILL of the server (its commit log is synced before it
+    acknowledges), and the session reconnects by itself."""
+    trades = contract.stream(contract.SYMBOLS, 40, seed=81)
+    config = config_for(own_server, new_keyspace(), request_timeout_s=2.0)
+
+    async def main() -> None:
+        store = await CassandraStore.open(config, create_schema=True)
+        try:
+            settler = Settler(store, contract.FEE)
+            await contract.settle(store, trades[:60], settler)
+            before = await contract.snapshot(store)
+            await asyncio.to_thread(own_server.kill9)
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.watermarks()
+            assert time.monotonic() - started < 30
+            await asyncio.to_thread(own_server.restart, hard=True)
+            batch = await settler.prepare(trades[60:])
+            await _write_until_it_succeeds(store, batch, deadline_s=60)
+            after = await contract.snapshot(store)
+            assert {k: v for k, v in after.positions.items() if k not in batch.positions} == {
+                k: v for k, v in before.positions.items() if k not in batch.positions
+            }
+            assert await contract.balances_of(store, range(7)) == contract.expected_balances(trades)
+        finally:
+            await store.close()
+
+    asyncio.run(main())

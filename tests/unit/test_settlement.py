@@ -1,0 +1,108 @@
+import asyncio
+from collections import defaultdict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.messages import check_trade, notional
+from engine.settlement import Settler, deltas
+from engine.store.base import Batch, Position, PositionKey
+from tests.factories import trade
+
+
+def test_worked_example_from_the_protocol_doc() -> None:
+    # 0.01 BTC at 50,000 USDT: notional 500 USDT = 500_000_000 minor units (6 decimals).
+    t = trade(price=50_000_000_000, qty=1_000_000, buyer_fee=500_000, seller_fee=250_000)
+    assert notional(t) == 500_000_000
+    assert deltas(t, fee_account=0) == {
+        (1, "BTC"): 1_000_000,
+        (1, "USDT"): -500_500_000,
+        (2, "BTC"): -1_000_000,
+        (2, "USDT"): 499_750_000,
+        (0, "USDT"): 750_000,
+    }
+
+
+def test_notional_rounds_down() -> None:
+    # 3 minor units of base at a price of 1 quote minor unit per 10 base units: 0.3 -> 0 is refused;
+    # 15 at 1 per 10 is 1.5 -> 1.
+    t = trade(price=1, qty=15, qty_scale=1, buyer_fee=0, seller_fee=0)
+    assert notional(t) == 1
+    assert check_trade(trade(price=1, qty=3, qty_scale=1, buyer_fee=0, seller_fee=0)) is not None
+
+
+def test_self_trade_and_fee_account_trading_merge_deltas() -> None:
+    t = trade(buyer=7, seller=7, buyer_fee=10, seller_fee=5)
+    d = deltas(t, fee_account=0)
+    assert d[(7, "BTC")] == 0
+    assert d[(7, "USDT")] == -15
+    assert d[(0, "USDT")] == 15
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 10**12),
+            st.integers(1, 10**10),
+            st.integers(0, 10**6),
+            st.integers(0, 10**6),
+            st.integers(1, 5),
+            st.integers(1, 5),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_every_asset_is_conserved(rows: list[tuple[int, int, int, int, int, int]]) -> None:
+    totals: defaultdict[str, int] = defaultdict(int)
+    for i, (price, qty, bf, sf, buyer, seller) in enumerate(rows, start=1):
+        t = trade(
+            seq=i, price=price, qty=qty, qty_scale=2, buyer_fee=bf, seller_fee=sf, buyer=buyer, seller=seller
+        )
+        if check_trade(t) is not None:
+            continue
+        for (_, asset), change in deltas(t, 0).items():
+            totals[asset] += change
+    assert all(v == 0 for v in totals.values()), dict(totals)
+
+
+class MemoryStore:
+    """Only what Settler.prepare needs."""
+
+    def __init__(self, rows: dict[PositionKey, Position] | None = None) -> None:
+        self.rows = rows or {}
+        self.loads: list[list[PositionKey]] = []
+
+    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
+        self.loads.append(keys)
+        return {k: self.rows[k] for k in keys if k in self.rows}
+
+
+def _prepare(store: MemoryStore, trades: list) -> Batch:  # type: ignore[type-arg]
+    settler = Settler(store, fee_account=0)  # type: ignore[arg-type]
+    return asyncio.run(settler.prepare(trades))
+
+
+def test_prepare_folds_into_absolute_positions_and_watermarks() -> None:
+    batch = _prepare(MemoryStore(), [trade(seq=1), trade(seq=2), trade("ETH-USDT", 1)])
+    assert batch.watermarks == {"BTC-USDT": 2, "ETH-USDT": 1}
+    assert batch.positions[(1, "BTC", "BTC-USDT")] == Position(2_000_000, 2)
+    assert batch.positions[(1, "ETH", "ETH-USDT")] == Position(1_000_000, 1)
+    assert (1, "BTC", "ETH-USDT") not in batch.positions
+
+
+def test_prepare_skips_trades_a_position_already_holds() -> None:
+    # Crash mid-batch: the buyer's BTC position already has seq 2 folded in, the rest has nothing.
+    store = MemoryStore({(1, "BTC", "BTC-USDT"): Position(2_000_000, 2)})
+    batch = _prepare(store, [trade(seq=1), trade(seq=2)])
+    assert (1, "BTC", "BTC-USDT") not in batch.positions  # untouched: it already holds both
+    assert batch.positions[(2, "BTC", "BTC-USDT")] == Position(-2_000_000, 2)
+
+
+def test_prepare_reads_each_position_once() -> None:
+    store = MemoryStore()
+    settler = Settler(store, fee_account=0)  # type: ignore[arg-type]
+    asyncio.run(settler.prepare([trade(seq=1)]))
+    asyncio.run(settler.prepare([trade(seq=2)]))
+    assert len(store.loads) == 1
