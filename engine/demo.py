@@ -73,12 +73,15 @@ def _free_port_range(count: int) -> int:
     raise RuntimeError("no free range of ports for shard metrics")
 
 
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a process with its stderr appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=log)
+
+
 def start_engine(config_path: Path, data_dir: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "run", "--config", str(config_path), "--log-dir",
-         str(data_dir / "logs")],
-        stdin=subprocess.DEVNULL, stderr=open(data_dir / "logs" / "supervisor.log", "ab"),  # noqa: SIM115
-    )
+    return spawn([sys.executable, "-m", "engine.cli", "run", "--config", str(config_path), "--log-dir",
+                  str(data_dir / "logs")], data_dir / "logs" / "supervisor.log")
 
 
 def start_simulator(config: configmod.Config, data_dir: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
@@ -87,8 +90,7 @@ def start_simulator(config: configmod.Config, data_dir: Path, args: argparse.Nam
             "--seed", str(args.seed), "--symbols", str(args.symbols), "--accounts", str(args.accounts),
             "--heartbeat-ms", str(config.me.heartbeat_interval_ms), "--wait-subscribers", "1",
             "--metrics-port", str(config.metrics.simulator_port), "--timestamps", "wall"]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                            stderr=open(data_dir / "logs" / "simulator.log", "ab"))  # noqa: SIM115
+    return spawn(argv, data_dir / "logs" / "simulator.log")
 
 
 def wait_engine_ready(engine: subprocess.Popen[bytes], data_dir: Path, timeout_s: float) -> None:

@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engine import hostile
 from engine.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SettleError
 from engine.melog import MeLog
 from engine.messages import (
@@ -174,6 +175,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     batch_trades_max: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     sndhwm: Annotated[int, msgspec.Meta(ge=0)] = 2_000_000
     timestamps: Literal["synthetic", "wall"] = "synthetic"  # "wall" = time.time_ns(), not reproducible
+    hostile_every: Annotated[int, msgspec.Meta(ge=0)] = 0  # also send one hostile frame every N trades; 0 = off
 
 
 def sim_config(**values: Any) -> SimConfig:
@@ -294,6 +296,7 @@ class SubscriberTimeout(SettleError):
 class SimSummary(msgspec.Struct, frozen=True, kw_only=True):
     trades: int  # logged this run (dropped ones included)
     dropped: int  # logged but not sent on PUB
+    hostile: int = 0  # hostile frames sent, never logged
     seconds: float  # from the first trade to the last
     rate: float  # trades/s over `seconds`
     output_sequence: int  # the log's last
@@ -301,7 +304,8 @@ class SimSummary(msgspec.Struct, frozen=True, kw_only=True):
 
     def format(self) -> str:
         return (
-            f"published {self.trades} trades ({self.dropped} dropped) in {self.seconds:.3f}s: "
+            f"published {self.trades} trades ({self.dropped} dropped, {self.hostile} hostile frames) "
+            f"in {self.seconds:.3f}s: "
             f"{self.rate:,.0f} trades/s; the log is at output_sequence {self.output_sequence}"
         )
 
@@ -329,6 +333,7 @@ class _Replay:
 class _Counters:
     published: int = 0
     dropped: int = 0
+    hostile: int = 0
     heartbeats: int = 0
     replay_requests: int = 0
     replay_trades: int = 0
@@ -352,6 +357,7 @@ class Simulator:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_request = replay_request_decoder().decode
         self._heartbeat_drop = random.Random(config.seed)
+        self._hostile_rng = random.Random(config.seed ^ 0x5EED)
         self._ctx = zmq.Context()
         try:
             self._pub = self._ctx.socket(zmq.XPUB)
@@ -378,6 +384,11 @@ class Simulator:
     @property
     def dropped(self) -> int:
         return self._counters.dropped
+
+    @property
+    def hostile(self) -> int:
+        """Hostile frames sent (``hostile_every``); none of them is in the log."""
+        return self._counters.hostile
 
     @property
     def replay_requests(self) -> int:
@@ -481,6 +492,7 @@ class Simulator:
         return SimSummary(
             trades=self._counters.published,
             dropped=self._counters.dropped,
+            hostile=self._counters.hostile,
             seconds=seconds,
             rate=self._counters.published / seconds,
             output_sequence=self._generator.output_sequence,
@@ -510,6 +522,13 @@ class Simulator:
         send = self._pub.send
         for data in outgoing:
             send(data)
+        every = self.config.hostile_every
+        if every:
+            end = self._generator.output_sequence
+            for _ in range(end // every - (end - count) // every):
+                _, frame = hostile.frame(self._hostile_rng)
+                send(frame)
+                self._counters.hostile += 1
         self._counters.published += count
         self._counters.dropped += dropped
 
@@ -685,6 +704,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT"
     )
+    p.add_argument("--hostile-every", type=int, default=d.hostile_every,
+                   help="also publish one malformed/hostile frame every N trades (not logged); 0 = off")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -702,6 +723,9 @@ class _SimCollector(Collector):
         )
         yield CounterMetricFamily(
             "settle_sim_trades_dropped", "Trades logged but not sent (drop).", sim.dropped
+        )
+        yield CounterMetricFamily(
+            "settle_sim_hostile_frames", "Hostile frames sent (not logged).", sim.hostile
         )
         yield CounterMetricFamily(
             "settle_sim_replay_requests", "Replay requests received.", sim.replay_requests

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -130,14 +131,13 @@ class Supervisor:
     def spawn(self, slot: Slot) -> None:
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        stderr = None
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            stderr = open(self.log_dir / f"{slot.name}.log", "ab")  # noqa: SIM115 - handed to the child
-        slot.proc = subprocess.Popen([*slot.argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,),
-                                     stdin=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent)
-        if stderr is not None:
-            stderr.close()
+        with contextlib.ExitStack() as stack:
+            stderr = None
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                stderr = stack.enter_context(open(self.log_dir / f"{slot.name}.log", "ab"))
+            slot.proc = subprocess.Popen([*slot.argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,),
+                                         stdin=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent)
         os.close(write_fd)
         if slot.pipe is not None:
             self._close_pipe(slot)

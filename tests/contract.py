@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 import pytest
 
 from engine.errors import ClosedError, StoreRejected
@@ -203,7 +205,11 @@ async def check_crash_mid_batch_then_resettle(open_store: OpenStore) -> None:
         want = await snapshot(reference)
 
         batch_size = len(second)
-        for name, rows, positions in (("crash_a", 0, 1), ("crash_b", batch_size // 2, 7), ("crash_c", 5, 10**6)):
+        for name, rows, positions in (
+            ("crash_a", 0, 1),
+            ("crash_b", batch_size // 2, 7),
+            ("crash_c", 5, 10**6),
+        ):
             store = await open_(name)
             settler = Settler(store, FEE)
             await settle(store, first, settler)
@@ -319,13 +325,16 @@ async def check_out_of_range_values_rejected(open_store: OpenStore) -> None:
             bad = Batch([t], {(1, "BTC", "BTC-USDT"): Position(amount, 6)}, {"BTC-USDT": 6})
             with pytest.raises(StoreRejected, match=r"account 1, asset BTC, symbol BTC-USDT.*amount.*64-bit"):
                 await store.write(bad)
-        huge = Trade(**{**_fields(t), "price": 2**63})  # bypasses msgspec's bounds, as a bug could
+        huge = msgspec.structs.replace(t, price=2**63)  # bypasses msgspec's bounds, as a bug could
         with pytest.raises(StoreRejected, match=r"BTC-USDT seq 6: price = 9223372036854775808.*64-bit"):
             await store.write(Batch([huge], {}, {"BTC-USDT": 6}))
         assert await snapshot(store) == before, "a rejected batch must leave no trace"
 
         # The bounds themselves are representable and read back exactly.
-        edges = {(1, "XMIN", "ETH-BTC"): Position(INT64_MIN, 1), (1, "XMAX", "ETH-BTC"): Position(INT64_MAX, 1)}
+        edges = {
+            (1, "XMIN", "ETH-BTC"): Position(INT64_MIN, 1),
+            (1, "XMAX", "ETH-BTC"): Position(INT64_MAX, 1),
+        }
         await store.write(Batch([trade("ETH-BTC", 1, 1, 2)], edges, {"ETH-BTC": 1}))
         assert await store.load_positions(list(edges)) == edges
         assert (await store.balances(1))["XMAX"] == INT64_MAX
@@ -348,6 +357,13 @@ async def check_load_positions_returns_what_was_written(open_store: OpenStore) -
         assert await store.load_positions(some + some) == {key: written[key] for key in some}
         other = await open_("main")
         assert await other.load_positions(list(written)) == written
+
+        # One account holding many assets (more than a CQL IN list may name) and many symbols.
+        wide = {(5000, f"A{i}", symbol): Position(i - 60, 3) for i in range(130) for symbol in SYMBOLS}
+        await store.write(Batch([trade("BTC-USDT", 3, 1, 2)], wide, {}))
+        asked = [key for key in wide if key[1] != "A7"] + [(5000, "A7", "XRP-USDT")]
+        assert await other.load_positions(asked) == {key: wide[key] for key in asked if key in wide}
+        assert _nonzero(await other.balances(5000)) == {f"A{i}": (i - 60) * 3 for i in range(130) if i != 60}
 
 
 async def check_ledger_lists_seqs_in_order(open_store: OpenStore) -> None:
@@ -383,11 +399,9 @@ async def check_close_is_idempotent(open_store: OpenStore) -> None:
         assert await (await open_("main")).watermarks() == {"BTC-USDT": 1}
 
 
-def _fields(t: Trade) -> dict[str, object]:
-    return {name: getattr(t, name) for name in t.__struct_fields__}
+Check = Callable[[OpenStore], Coroutine[Any, Any, None]]
 
-
-CHECKS: list[Callable[[OpenStore], Awaitable[None]]] = [
+CHECKS: list[Check] = [
     check_replay_is_idempotent,
     check_crash_mid_batch_then_resettle,
     check_stale_replay_changes_nothing,

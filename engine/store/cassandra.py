@@ -21,10 +21,10 @@ import os
 import ssl
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cassandra import (
     AuthenticationFailed,
@@ -49,11 +49,13 @@ from engine.store.schema import check_batch, cql_statements, ledger_bucket, ledg
 
 log = logging.getLogger(__name__)
 
-RETRY_ATTEMPTS: Final = 6  # per request; then StoreUnavailable
+RETRY_ATTEMPTS: Final = 6  # per request at most; then StoreUnavailable
+RETRY_TIMEOUTS: Final = 2  # no new attempt after this many request_timeout_s: a call ends within ~3 of them
 RETRY_DELAY_S_FIRST: Final = 0.05
 RETRY_DELAY_S_MAX: Final = 2.0
 SCHEMA_TIMEOUT_S_MIN: Final = 30.0
 PAGE_ROWS: Final = 5000
+IN_VALUES_MAX: Final = 100  # ScyllaDB refuses larger IN lists on clustering keys by default
 # Rows per single-partition UNLOGGED batch: keeps each batch under Cassandra's 5 KiB
 # batch_size_warn_threshold (ScyllaDB's default threshold is 128 KiB).
 LEDGER_ROWS_PER_BATCH: Final = 16
@@ -74,6 +76,7 @@ RETRIABLE: Final = (
 )
 
 Row = tuple[Any, ...]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +85,8 @@ class _Statements:
     ledger_bucket: PreparedStatement
     position: PreparedStatement
     watermark: PreparedStatement
-    account_positions: PreparedStatement
-    account_keys: PreparedStatement
+    account_rows: PreparedStatement
+    account_assets: PreparedStatement
     all_positions: PreparedStatement
     all_watermarks: PreparedStatement
     buckets: PreparedStatement
@@ -98,9 +101,9 @@ _CQL: Final = {
     "position": "INSERT INTO {ks}.positions (account, asset, symbol, amount, last_seq) "
     "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
     "watermark": "INSERT INTO {ks}.watermarks (symbol, seq) VALUES (?, ?) USING TIMESTAMP ?",
-    "account_positions": "SELECT asset, amount FROM {ks}.positions WHERE account = ?",
-    "account_keys": "SELECT asset, symbol, amount, last_seq FROM {ks}.positions "
-    "WHERE account = ? AND asset IN ? AND symbol IN ?",
+    "account_rows": "SELECT asset, symbol, amount, last_seq FROM {ks}.positions WHERE account = ?",
+    "account_assets": "SELECT asset, symbol, amount, last_seq FROM {ks}.positions "
+    "WHERE account = ? AND asset IN ?",
     "all_positions": "SELECT account, asset, symbol, amount, last_seq FROM {ks}.positions",
     "all_watermarks": "SELECT symbol, seq FROM {ks}.watermarks",
     "buckets": "SELECT bucket FROM {ks}.ledger_buckets WHERE symbol = ?",
@@ -268,6 +271,7 @@ class CassandraStore:
         """One request with bounded retries: its rows and the paging state of the next page, if any."""
         delay = RETRY_DELAY_S_FIRST
         started = time.monotonic()
+        give_up_at = started + RETRY_TIMEOUTS * self._config.request_timeout_s
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             async with self._in_flight:
                 try:
@@ -276,16 +280,17 @@ class CassandraStore:
                     error: BaseException = e
                 except RequestValidationException as e:
                     raise StoreRejected(f"{self._where}: the server refused a request: {_describe(e)}") from e
-                except (ClosedError, asyncio.CancelledError):
+                except ClosedError:
                     raise
                 except Exception as e:  # an error the driver did not classify: report it, let the shard retry
                     raise StoreUnavailable(f"{self._where}: request failed: {_describe(e)}") from e
-            if attempt < RETRY_ATTEMPTS:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_DELAY_S_MAX)
+            if attempt == RETRY_ATTEMPTS or time.monotonic() + delay > give_up_at:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_DELAY_S_MAX)
         raise StoreUnavailable(
             f"{self._where}: {_describe(error)} "
-            f"({RETRY_ATTEMPTS} attempts in {time.monotonic() - started:.1f} s); retry later"
+            f"({attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
         ) from error
 
     async def _once(self, statement: Statement, paging_state: bytes | None) -> tuple[list[Row], bytes | None]:
@@ -304,11 +309,17 @@ class CassandraStore:
                 assert result is not None
                 done.set_result(result)
 
+        def wake(result: tuple[list[Row], bytes | None] | None, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+                pass
+
         def on_rows(rows: list[Row]) -> None:  # driver thread
-            loop.call_soon_threadsafe(settle, (rows, response.result().paging_state), None)
+            wake((rows, response.result().paging_state), None)
 
         def on_error(error: BaseException) -> None:  # driver thread
-            loop.call_soon_threadsafe(settle, None, error)
+            wake(None, error)
 
         response = session.execute_async(statement, paging_state=paging_state)
         response.add_callbacks(on_rows, on_error)
@@ -324,18 +335,22 @@ class CassandraStore:
         return rows
 
     async def _all(self, statements: Sequence[Statement]) -> None:
-        """Run requests concurrently (bounded); the first failure cancels the rest and is raised."""
-        if not statements:
+        await self._each(statements, self._request)
+
+    async def _each(self, items: Sequence[T], call: Callable[[T], Awaitable[object]]) -> None:
+        """``await call(item)`` for every item, concurrently as far as the in-flight bound allows;
+        the first failure cancels the rest and is raised."""
+        if not items:
             return
-        pending = iter(statements)
+        pending = iter(items)
 
         async def worker() -> None:
-            for statement in pending:
-                await self._request(statement)
+            for item in pending:
+                await call(item)
 
         workers = [
             asyncio.ensure_future(worker())
-            for _ in range(min(len(statements), self._config.requests_in_flight_max))
+            for _ in range(min(len(items), self._config.requests_in_flight_max))
         ]
         try:
             await asyncio.gather(*workers)
@@ -402,39 +417,31 @@ class CassandraStore:
 
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         wanted = set(keys)
-        by_account: defaultdict[int, tuple[set[str], set[str]]] = defaultdict(lambda: (set(), set()))
-        for account, asset, symbol in wanted:
-            assets, symbols = by_account[account]
-            assets.add(asset)
-            symbols.add(symbol)
+        assets_of: defaultdict[int, set[str]] = defaultdict(set)
+        for account, asset, _ in wanted:
+            assets_of[account].add(asset)
         out: dict[PositionKey, Position] = {}
 
-        async def read(account: int) -> None:
-            assets, symbols = by_account[account]
-            statement = self._st.account_keys.bind((account, sorted(assets), sorted(symbols)))
+        async def read(account: int) -> None:  # one partition: the account
+            assets = assets_of[account]
+            if len(assets) <= IN_VALUES_MAX:
+                statement = self._st.account_assets.bind((account, sorted(assets)))
+            else:
+                statement = self._st.account_rows.bind((account,))
             for asset, symbol, amount, last_seq in await self._rows(statement):
                 key = (account, asset, symbol)
-                if key in wanted:  # IN x IN is a cross product: drop what was not asked for
+                if key in wanted:
                     out[key] = Position(amount, last_seq)
 
-        await self._gather(read(account) for account in by_account)
+        await self._each(list(assets_of), read)
         return out
-
-    async def _gather(self, calls: Iterable[Any]) -> None:
-        tasks = [asyncio.ensure_future(call) for call in calls]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
 
     async def watermarks(self) -> dict[str, int]:
         return dict(sorted(await self._rows(self._st.all_watermarks.bind(()))))
 
     async def balances(self, account: int) -> dict[str, int]:
-        return sum_by_asset(await self._rows(self._st.account_positions.bind((account,))))
+        rows = await self._rows(self._st.account_rows.bind((account,)))
+        return sum_by_asset((asset, amount) for asset, _, amount, _ in rows)
 
     async def positions(self) -> dict[PositionKey, Position]:
         rows = await self._rows(self._st.all_positions.bind(()))

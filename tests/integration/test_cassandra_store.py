@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +70,15 @@ def factory(server: CassandraServer, **overrides: Any) -> contract.OpenStore:
     prefix = new_keyspace()
 
     async def open_store(name: str) -> Store:
-        return await CassandraStore.open(config_for(server, f"{prefix}_{name}", **overrides), create_schema=True)
+        return await CassandraStore.open(
+            config_for(server, f"{prefix}_{name}", **overrides), create_schema=True
+        )
 
     return open_store
 
 
 @pytest.mark.parametrize("check", contract.CHECKS, ids=contract.check_id)
-def test_contract(check: Callable[[contract.OpenStore], Awaitable[None]], cassandra_server: CassandraServer) -> None:
+def test_contract(check: contract.Check, cassandra_server: CassandraServer) -> None:
     asyncio.run(check(factory(cassandra_server)))
 
 
@@ -88,9 +91,7 @@ LOGGED_CHECKS = [
 
 
 @pytest.mark.parametrize("check", LOGGED_CHECKS, ids=contract.check_id)
-def test_contract_logged_batches(
-    check: Callable[[contract.OpenStore], Awaitable[None]], cassandra_server: CassandraServer
-) -> None:
+def test_contract_logged_batches(check: contract.Check, cassandra_server: CassandraServer) -> None:
     asyncio.run(check(factory(cassandra_server, logged_batches=True)))
 
 
@@ -121,7 +122,9 @@ def test_big_batch_spans_partitions_without_batch_warnings(
     assert warnings == []
 
 
-def test_migrate_is_idempotent_and_open_without_schema_says_what_to_do(cassandra_server: CassandraServer) -> None:
+def test_migrate_is_idempotent_and_open_without_schema_says_what_to_do(
+    cassandra_server: CassandraServer,
+) -> None:
     keyspace = new_keyspace()
     config = config_for(cassandra_server, keyspace)
 
@@ -173,7 +176,9 @@ def test_password_is_read_at_open_and_never_shown(cassandra_server: CassandraSer
             assert secret not in str(vars(store))
         finally:
             await store.close()
-        missing = config_for(cassandra_server, new_keyspace(), username="settle", password_env="SETTLE_NO_SUCH_VAR")
+        missing = config_for(
+            cassandra_server, new_keyspace(), username="settle", password_env="SETTLE_NO_SUCH_VAR"
+        )
         with pytest.raises(ConfigError, match="password_env names 'SETTLE_NO_SUCH_VAR'"):
             await CassandraStore.open(missing, create_schema=True)
 
@@ -286,6 +291,38 @@ def test_server_killed_between_writes_then_restarted(own_server: CassandraServer
                 k: v for k, v in before.positions.items() if k not in batch.positions
             }
             assert await contract.balances_of(store, range(7)) == contract.expected_balances(trades)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_hung_server_is_unavailable_in_bounded_time(own_server: CassandraServer) -> None:
+    """SIGSTOP the server (it accepts nothing, refuses nothing): calls end with StoreUnavailable after
+    about three request timeouts, and the same store object works again once the server resumes."""
+    trades = contract.stream(contract.SYMBOLS, 40, seed=91)
+    config = config_for(own_server, new_keyspace(), request_timeout_s=1.0)
+
+    async def main() -> None:
+        store = await CassandraStore.open(config, create_schema=True)
+        try:
+            settler = Settler(store, contract.FEE)
+            await contract.settle(store, trades[:60], settler)
+            batch = await settler.prepare(trades[60:])
+            pid = own_server.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                for call in (store.write(batch), store.load_positions([(1, "BTC", "BTC-USDT")])):
+                    started = time.monotonic()
+                    with pytest.raises(StoreUnavailable, match=r"cassandra at 127\.0\.0\.1:\d+"):
+                        await asyncio.wait_for(call, timeout=30)
+                    assert time.monotonic() - started < 3 * config.request_timeout_s + 2
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            await _write_until_it_succeeds(store, batch, deadline_s=60)
+            assert await contract.balances_of(store, range(7)) == contract.expected_balances(trades)
+            assert await store.watermarks() == {symbol: 40 for symbol in contract.SYMBOLS}
         finally:
             await store.close()
 

@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from tests import contract
 
 
 @pytest.mark.parametrize("check", contract.CHECKS, ids=contract.check_id)
-def test_contract(check: Callable[[contract.OpenStore], Awaitable[None]], tmp_path: Path) -> None:
+def test_contract(check: contract.Check, tmp_path: Path) -> None:
     async def open_store(name: str) -> Store:
         return await EmbeddedStore.open(str(tmp_path / f"{name}.db"))
 

@@ -1,0 +1,37 @@
+"""Fixtures for real servers: started once per test session (per xdist worker group), stopped at the end.
+
+In CI (``CI`` set) a server that cannot start fails the run; locally the tests that need it are skipped
+with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers.cassandra import CassandraServer, CassandraServerError
+
+
+def server_unavailable(what: str, error: Exception) -> None:
+    message = f"{what} could not start: {error}"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
+    """A real Cassandra 5.0 on a free loopback port. Mark users with xdist_group('cassandra')."""
+    data_dir: Path = tmp_path_factory.mktemp("cassandra")
+    server = CassandraServer()
+    try:
+        server.start(data_dir)
+    except (CassandraServerError, OSError) as e:
+        server_unavailable("Cassandra", e)
+    try:
+        yield server
+    finally:
+        server.stop()

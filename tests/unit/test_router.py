@@ -1,0 +1,61 @@
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from engine import config as configmod
+from engine import hostile
+from engine.messages import encoder
+from engine.placement import shard_for
+from router.router import Router
+from tests.factories import trade
+
+
+@pytest.fixture
+def router(tmp_path: Path):  # type: ignore[no-untyped-def]
+    config = configmod.load(None, [f'engine.data_dir="{tmp_path}"', "engine.shards=3"])
+    r = Router(config)
+    yield r
+    r.drain()
+
+
+def routed(r: Router, shard: int) -> int:
+    return int(r.m.forwarded.labels(str(shard))._value.get()) + len(r.queues[shard])
+
+
+@pytest.mark.parametrize("kind", hostile.KINDS)
+def test_every_hostile_frame_is_quarantined_with_its_reason(router: Router, kind: str) -> None:
+    frame = hostile.GENERATORS[kind](random.Random(7))
+    router.route(frame, __import__("engine.messages", fromlist=["x"]).stream_decoder())
+    assert sum(routed(router, s) for s in range(3)) == 0
+    assert router.quarantine.count == 1
+    record = json.loads(router.quarantine.path.read_text().splitlines()[0])
+    assert record["reason"] in {"malformed", "invalid", "unknown_kind", "oversize", "unsound"}
+    assert record["detail"]
+    assert record["bytes"] == len(frame)
+
+
+def test_valid_trades_go_to_their_shard_even_between_bad_frames(router: Router) -> None:
+    from engine.messages import stream_decoder
+
+    decoder = stream_decoder()
+    rng = random.Random(1)
+    symbols = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "ETH-BTC"]
+    for i, symbol in enumerate(symbols, start=1):
+        router.route(hostile.frame(rng)[1], decoder)
+        router.route(encoder.encode(trade(symbol, seq=i)), decoder)
+    expected = [0, 0, 0]
+    for symbol in symbols:
+        expected[shard_for(symbol, 3)] += 1
+    assert [routed(router, s) for s in range(3)] == expected
+    assert router.quarantine.count == len(symbols)
+
+
+def test_reasons_are_a_bounded_set() -> None:
+    rng = random.Random(3)
+    reasons = set()
+    for _ in range(300):
+        _, frame = hostile.frame(rng)
+        reasons.add(frame[:1])
+    assert len(hostile.KINDS) >= 12
