@@ -2,7 +2,8 @@
 lose its server mid-write, and get it back.
 
 Every test works in keyspaces of its own (random names), so tests are independent of each other and
-of their order. The server starts once per session; the tests that kill a server get one of their own.
+of their order. They share the session's server (the ``cassandra`` fixture of tests/conftest.py); the
+tests that kill or freeze a server start one of their own.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests import contract
 from tests.servers.cassandra import CassandraServer, CassandraServerError
 
 pytestmark = pytest.mark.integration
+shared_server = pytest.mark.xdist_group("cassandra")
 
 
 def _start_or_skip(data_dir: Path) -> CassandraServer:
@@ -43,11 +45,10 @@ def _start_or_skip(data_dir: Path) -> CassandraServer:
         pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def cassandra_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
-    server = _start_or_skip(tmp_path_factory.mktemp("cassandra"))
-    yield server
-    server.stop()
+@pytest.fixture
+def cassandra_server(cassandra: CassandraServer) -> CassandraServer:
+    """The session's shared server (tests/conftest.py); these tests never stop it."""
+    return cassandra
 
 
 @pytest.fixture
@@ -77,6 +78,7 @@ def factory(server: CassandraServer, **overrides: Any) -> contract.OpenStore:
     return open_store
 
 
+@shared_server
 @pytest.mark.parametrize("check", contract.CHECKS, ids=contract.check_id)
 def test_contract(check: contract.Check, cassandra_server: CassandraServer) -> None:
     asyncio.run(check(factory(cassandra_server)))
@@ -90,11 +92,13 @@ LOGGED_CHECKS = [
 ]
 
 
+@shared_server
 @pytest.mark.parametrize("check", LOGGED_CHECKS, ids=contract.check_id)
 def test_contract_logged_batches(check: contract.Check, cassandra_server: CassandraServer) -> None:
     asyncio.run(check(factory(cassandra_server, logged_batches=True)))
 
 
+@shared_server
 def test_big_batch_spans_partitions_without_batch_warnings(
     cassandra_server: CassandraServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -122,6 +126,7 @@ def test_big_batch_spans_partitions_without_batch_warnings(
     assert warnings == []
 
 
+@shared_server
 def test_migrate_is_idempotent_and_open_without_schema_says_what_to_do(
     cassandra_server: CassandraServer,
 ) -> None:
@@ -146,6 +151,7 @@ def test_migrate_is_idempotent_and_open_without_schema_says_what_to_do(
     asyncio.run(main())
 
 
+@shared_server
 def test_network_topology_replication(cassandra_server: CassandraServer) -> None:
     keyspace = new_keyspace()
     replication = ReplicationConfig(strategy="NetworkTopologyStrategy", datacenters={"datacenter1": 1})
@@ -162,6 +168,7 @@ def test_network_topology_replication(cassandra_server: CassandraServer) -> None
             strategy="NetworkTopologyStrategy"))))  # fmt: skip
 
 
+@shared_server
 def test_password_is_read_at_open_and_never_shown(cassandra_server: CassandraServer, tmp_path: Path) -> None:
     secret = "s3cr3t-" + uuid.uuid4().hex
     password_file = tmp_path / "password"
