@@ -257,6 +257,12 @@ class CassandraStore:
             if isinstance(e, RETRIABLE):
                 raise StoreUnavailable(f"{where}: preparing the store failed: {_describe(e)}") from e
             raise
+        log.info(
+            "%s: connected (consistency %s, schema %s)",
+            where,
+            config.consistency,
+            "created if missing" if create_schema else "expected",
+        )
         return cls(config, cluster, session, statements)
 
     def __repr__(self) -> str:

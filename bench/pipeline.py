@@ -1,0 +1,84 @@
+"""`python -m bench.pipeline`: settle's end-to-end trades/s with 1 and 2 shards, and group commit against
+one fsync per trade, side by side in one run (same machine, same minute: only the ratios matter).
+
+Group commit vs per-trade fsync is measured twice: on the WAL alone (append+commit of the same records,
+fsync on) and on the whole pipeline (``wal.batch_trades_max = 1`` forces one fsync per trade).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import run_pipeline, table, write_json
+from engine.messages import Trade
+from engine.wal import ShardWal
+
+
+def _trades(n: int, symbols: int = 10) -> list[Trade]:
+    out = []
+    seqs = [0] * symbols
+    for i in range(n):
+        s = i % symbols
+        seqs[s] += 1
+        out.append(Trade(output_sequence=i + 1, symbol=f"S{s:02d}-USDT", seq=seqs[s], trade_id=i + 1,
+                         price=50_000_000_000, price_scale=6, qty=1_000_000, qty_scale=8, buyer=1, seller=2,
+                         buy_order_id=1, sell_order_id=2, taker_side="buy", buyer_fee=10, seller_fee=10, ts_ns=1))
+    return out
+
+
+def wal_rate(trades: list[Trade], batch: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="settle-bench-wal-", dir=os.environ.get("SETTLE_BENCH_DIR")) as d:
+        wal = ShardWal(Path(d) / "shard-0", segment_bytes_max=64 << 20, shard=0)
+        wal.recover()
+        started = time.perf_counter()
+        for i, trade in enumerate(trades, start=1):
+            wal.append(trade)
+            if i % batch == 0:
+                wal.commit()
+        wal.commit()
+        seconds = time.perf_counter() - started
+        wal.close()
+    return len(trades) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__)
+    parser.add_argument("--trades", type=int, default=200_000, help="trades per pipeline run")
+    parser.add_argument("--quick", action="store_true", help="small runs (smoke test)")
+    args = parser.parse_args(argv)
+    trades = 5_000 if args.quick else args.trades
+    per_trade_trades = 1_000 if args.quick else 5_000
+
+    wal_rows = []
+    records = _trades(20_000 if not args.quick else 2_000)
+    for batch in (1, 4096):
+        sample = records[:2_000] if batch == 1 else records
+        wal_rows.append({"wal": f"batch {batch}", "records_per_s": wal_rate(sample, batch)})
+    wal_ratio = wal_rows[1]["records_per_s"] / wal_rows[0]["records_per_s"]
+
+    runs = [
+        run_pipeline("1-shard", trades, 1),
+        run_pipeline("2-shards", trades, 2),
+        run_pipeline("2-shards-fsync-per-trade", per_trade_trades, 2, {"wal.batch_trades_max": 1}),
+    ]
+    rows = [{"run": r.name, "shards": r.shards, "trades": r.trades, "seconds": r.seconds,
+             "trades_per_s": r.trades_per_s, "verified": r.verified} for r in runs]
+    pipeline_ratio = runs[1].trades_per_s / runs[2].trades_per_s
+    print("WAL alone (10 symbols, fsync on):")
+    print(table(wal_rows, ["wal", "records_per_s"]))
+    print(f"group commit / one fsync per trade (WAL alone): {wal_ratio:,.1f}x\n")
+    print("Whole pipeline (simulator flat out -> router -> shards -> WAL -> embedded store):")
+    print(table(rows, ["run", "shards", "trades", "seconds", "trades_per_s", "verified"]))
+    print(f"group commit / one fsync per trade (pipeline, 2 shards): {pipeline_ratio:,.1f}x")
+    path = write_json("pipeline", {"wal": wal_rows, "wal_group_commit_ratio": wal_ratio, "pipeline": rows,
+                                   "pipeline_group_commit_ratio": pipeline_ratio})
+    print(f"wrote {path}")
+    return 0 if all(r.verified for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
