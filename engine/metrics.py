@@ -1,11 +1,34 @@
 """Prometheus metrics. Each process builds the families it serves in its own registry.
 
 Names follow Prometheus conventions: base units, ``_total`` for counters, ``_seconds`` and ``_bytes``.
-Label cardinality is bounded: ``shard`` (one per process), ``symbol`` (the symbols a shard owns) and
-small fixed sets of ``reason`` values.
+Label cardinality is bounded: ``shard`` (one per process), ``symbol`` (the symbols a shard owns), ``slot``
+(the supervisor's children) and small fixed sets of ``reason`` values. Every label combination that is
+known up front is created at zero, so ``rate()`` and ``increase()`` see the first event and every
+dashboard query has a series to show from the first scrape.
+
+``new_registry(enabled=False)`` turns metrics off for real: the families become no-ops (nothing counted,
+nothing observed) with the same attributes and types, so call sites do not change.
+
+What the shard publishes and where (``shards/shard.py``):
+
+=====================================  =========================================================
+``settle_trades_*_total``              intake and the settle stage
+``settle_watermark_seq``               per symbol, the highest sequence the store holds
+``settle_me_latest_seq``               per symbol, the ME's latest sequence (heartbeats, trades);
+                                       lag in trades is ``settle_me_latest_seq - settle_watermark_seq``
+``settle_lag_seconds``                 ME execution time to store commit, per trade
+``settle_wal_*``                       group commit, WAL size, the WAL disk (read at scrape time)
+``settle_store_*``                     store batches: latency, size, in flight, errors
+``settle_gap*``, ``settle_replay*``    gap detection and replay from the ME
+=====================================  =========================================================
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -14,15 +37,34 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                     30.0)
 FSYNC_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
+# The reason labels known up front (created at zero). Others may appear (a signal's name, an ME error code).
+ROUTER_QUARANTINE_REASONS: Final = ("oversize", "malformed", "unknown_kind", "invalid", "unsound")
+SHARD_QUARANTINE_REASONS: Final = ("malformed", "unsound")
+REPLAY_REJECT_REASONS: Final = ("timeout", "unreachable", "malformed", "stale", "wrong_symbol", "hole")
+RESTART_REASONS: Final = ("exit", "hung", "signal_SIGKILL", "signal_SIGSEGV", "signal_SIGABRT",
+                          "signal_SIGTERM")
 
-def new_registry() -> CollectorRegistry:
+
+class _DisabledRegistry(CollectorRegistry):
+    """Marks ``metrics.enabled = false``: families built on it are no-ops and nothing is registered."""
+
+
+def new_registry(enabled: bool = True) -> CollectorRegistry:
+    """The process's registry: process CPU, RSS and fds, the Python version, and the settle families."""
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``*_created`` series: half the exposition, nothing a query here uses
+    if not enabled:
+        return _DisabledRegistry(auto_describe=False)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
     PlatformCollector(registry=registry)
@@ -31,79 +73,198 @@ def new_registry() -> CollectorRegistry:
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> None:
     """Serve ``/metrics`` on ``host:port`` (127.0.0.1 unless configured otherwise). Port 0 disables."""
-    if port:
+    if port and not isinstance(registry, _DisabledRegistry):
         start_http_server(port, addr=host, registry=registry)
 
 
+# ------------------------------------------------------------------------------- no-op families
+
+
+class _OffCounter(Counter):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> _OffCounter:
+        return self
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        pass
+
+
+class _OffGauge(Gauge):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> _OffGauge:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        pass
+
+
+class _OffHistogram(Histogram):
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> _OffHistogram:
+        return self
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        pass
+
+
+class _Families:
+    """Builds families on a registry, or no-op ones when the registry is disabled."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.off = isinstance(registry, _DisabledRegistry)
+
+    def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
+        if self.off:
+            return _OffCounter(name, doc, labels, registry=None)
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def gauge(self, name: str, doc: str, labels: Iterable[str] = ()) -> Gauge:
+        if self.off:
+            return _OffGauge(name, doc, labels, registry=None)
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, labels: Iterable[str], buckets: Iterable[float]) -> Histogram:
+        if self.off:
+            return _OffHistogram(name, doc, labels, buckets=tuple(buckets), registry=None)
+        return Histogram(name, doc, labels, buckets=tuple(buckets), registry=self.registry)
+
+    def collector(self, collector: Collector) -> None:
+        if not self.off:
+            self.registry.register(collector)
+
+
+class _WalDiskCollector(Collector):
+    """``settle_wal_disk_free_bytes`` / ``_size_bytes`` of the WAL's filesystem, read at scrape time.
+
+    Nothing on the hot path, and it keeps answering while the shard's loop is busy. A WAL directory that
+    does not exist yet is measured at its nearest existing parent (the same filesystem in practice).
+    """
+
+    def __init__(self, shard: str, wal_dir: Path) -> None:
+        self._shard = shard
+        self._dir = wal_dir
+
+    def collect(self) -> Iterable[Metric]:
+        path = self._dir.absolute()
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return
+        free = GaugeMetricFamily("settle_wal_disk_free_bytes",
+                                 "Bytes available to settle on the WAL's filesystem", labels=["shard"])
+        free.add_metric([self._shard], st.f_bavail * st.f_frsize)
+        size = GaugeMetricFamily("settle_wal_disk_size_bytes", "Size of the WAL's filesystem",
+                                 labels=["shard"])
+        size.add_metric([self._shard], st.f_blocks * st.f_frsize)
+        yield free
+        yield size
+
+
+# ------------------------------------------------------------------------------- per process
+
+
 class ShardMetrics:
-    def __init__(self, registry: CollectorRegistry, shard: int) -> None:
+    def __init__(self, registry: CollectorRegistry, shard: int, *, wal_dir: str | Path | None = None) -> None:
         s = str(shard)
-        labels = ["shard"]
-        self.received = Counter("settle_trades_received_total", "Trades received from the router", labels,
-                                registry=registry).labels(s)
-        self.settled = Counter("settle_trades_settled_total", "Trades the store acknowledged", labels,
-                               registry=registry).labels(s)
-        self.duplicates = Counter("settle_trades_duplicate_total", "Trades at or below the accepted sequence",
-                                  labels, registry=registry).labels(s)
-        self.quarantined = Counter("settle_quarantined_total", "Messages quarantined, by reason",
-                                   ["process", "reason"], registry=registry)
-        self.watermark = Gauge("settle_watermark_seq", "Highest sequence the store holds, per symbol",
-                               ["shard", "symbol"], registry=registry)
-        self.me_latest = Gauge("settle_me_latest_seq", "The ME's latest sequence per symbol (heartbeats)",
-                               ["shard", "symbol"], registry=registry)
-        self.settle_lag = Histogram("settle_settle_lag_seconds", "ME execution time to store commit",
-                                    labels, buckets=LATENCY_BUCKETS_S, registry=registry).labels(s)
-        self.fsync = Histogram("settle_wal_fsync_seconds", "WAL group commit: write and fdatasync",
-                               labels, buckets=FSYNC_BUCKETS_S, registry=registry).labels(s)
-        self.group_commit = Histogram("settle_wal_group_commit_trades", "Trades per WAL group commit",
-                                      labels, buckets=BATCH_BUCKETS, registry=registry).labels(s)
-        self.wal_bytes = Gauge("settle_wal_bytes", "Bytes in WAL segments", labels, registry=registry).labels(s)
-        self.wal_segments = Gauge("settle_wal_segments", "WAL segment files", labels,
-                                  registry=registry).labels(s)
-        self.wal_pending = Gauge("settle_wal_pending_trades", "Trades fsynced to the WAL, not yet in the store",
-                                 labels, registry=registry).labels(s)
-        self.store_write = Histogram("settle_store_write_seconds", "Store batch write latency", labels,
-                                     buckets=LATENCY_BUCKETS_S, registry=registry).labels(s)
-        self.store_batch = Histogram("settle_store_batch_trades", "Trades per store batch", labels,
-                                     buckets=BATCH_BUCKETS, registry=registry).labels(s)
-        self.store_inflight = Gauge("settle_store_inflight_batches", "Store batches being written", labels,
-                                    registry=registry).labels(s)
-        self.store_errors = Counter("settle_store_errors_total", "Failed store writes (retried)", labels,
-                                    registry=registry).labels(s)
-        self.gaps_open = Gauge("settle_gaps_open", "Symbols with a sequence gap open", labels,
-                               registry=registry).labels(s)
-        self.gap_held = Gauge("settle_gap_held_trades", "Trades held behind open gaps", labels,
-                              registry=registry).labels(s)
-        self.replay_requests = Counter("settle_replay_requests_total", "Replay requests sent to the ME",
-                                       labels, registry=registry).labels(s)
-        self.replayed = Counter("settle_replayed_trades_total", "Trades received by replay", labels,
-                                registry=registry).labels(s)
-        self.replay_rejected = Counter("settle_replay_rejected_total", "Replay replies rejected, by reason",
-                                       ["shard", "reason"], registry=registry)
-        self.ready = Gauge("settle_shard_ready", "1 once recovery is done and the shard takes trades", labels,
-                           registry=registry).labels(s)
-        self.recovered = Counter("settle_recovered_trades_total", "WAL records re-settled at start-up", labels,
-                                 registry=registry).labels(s)
+        f = _Families(registry)
+        by_shard = ["shard"]
+
+        def counter(name: str, doc: str) -> Counter:
+            return f.counter(name, doc, by_shard).labels(s)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return f.gauge(name, doc, by_shard).labels(s)
+
+        def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
+            return f.histogram(name, doc, by_shard, buckets).labels(s)
+
+        self.received = counter("settle_trades_received_total", "Trades received from the router")
+        self.settled = counter("settle_trades_settled_total", "Trades the store acknowledged")
+        self.duplicates = counter("settle_trades_duplicate_total", "Trades at or below the accepted sequence")
+        self.quarantined = f.counter("settle_quarantined_total", "Messages quarantined, by reason",
+                                     ["process", "reason"])
+        for reason in SHARD_QUARANTINE_REASONS:
+            self.quarantined.labels(f"shard-{shard}", reason)
+        self.watermark = f.gauge("settle_watermark_seq", "Highest sequence the store holds, per symbol",
+                                 ["shard", "symbol"])
+        self.me_latest = f.gauge("settle_me_latest_seq",
+                                 "The ME's latest sequence per symbol, from heartbeats and trades",
+                                 ["shard", "symbol"])
+        self.settle_lag = histogram("settle_lag_seconds", "ME execution time to store commit, per trade",
+                                    LATENCY_BUCKETS_S)
+        self.fsync = histogram("settle_wal_fsync_seconds", "WAL group commit: write and fdatasync",
+                               FSYNC_BUCKETS_S)
+        self.group_commit = histogram("settle_wal_group_commit_trades", "Trades per WAL group commit",
+                                      BATCH_BUCKETS)
+        self.wal_bytes = gauge("settle_wal_bytes", "Bytes in WAL segments")
+        self.wal_segments = gauge("settle_wal_segments", "WAL segment files")
+        self.wal_pending = gauge("settle_wal_pending_trades",
+                                 "Trades fsynced to the WAL, not yet in the store")
+        self.store_write = histogram("settle_store_write_seconds", "Store batch write latency",
+                                     LATENCY_BUCKETS_S)
+        self.store_batch = histogram("settle_store_batch_trades", "Trades per store batch", BATCH_BUCKETS)
+        self.store_inflight = gauge("settle_store_inflight_batches", "Store batches being written")
+        self.store_requests = gauge("settle_store_inflight_requests",
+                                    "Requests the store has in flight (Cassandra: statements)")
+        self.store_errors = counter("settle_store_errors_total", "Failed store writes (retried)")
+        self.gaps_open = gauge("settle_gaps_open", "Symbols with a sequence gap open")
+        self.gap_oldest = gauge("settle_gap_oldest_open_seconds",
+                                "How long the oldest open sequence gap has been open; 0 when none")
+        self.gap_held = gauge("settle_gap_held_trades", "Trades held behind open gaps")
+        self.replay_requests = counter("settle_replay_requests_total", "Replay requests sent to the ME")
+        self.replayed = counter("settle_replayed_trades_total", "Trades received by replay")
+        self.replay_rejected = f.counter("settle_replay_rejected_total", "Replay replies rejected, by reason",
+                                         ["shard", "reason"])
+        for reason in REPLAY_REJECT_REASONS:
+            self.replay_rejected.labels(s, reason)
+        self.ready = gauge("settle_shard_ready", "1 once recovery is done and the shard takes trades")
+        self.recovered = counter("settle_recovered_trades_total", "WAL records re-settled at start-up")
+        if wal_dir is not None:
+            f.collector(_WalDiskCollector(s, Path(wal_dir)))
+
+    def track_store_requests(self, in_flight: Callable[[], float]) -> None:
+        """Read the store's in-flight request count at scrape time (nothing on the write path)."""
+        self.store_requests.set_function(in_flight)
 
 
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.received = Counter("settle_router_received_total", "Messages received from the ME",
-                                registry=registry)
-        self.forwarded = Counter("settle_router_forwarded_total", "Messages forwarded, per shard", ["shard"],
-                                 registry=registry)
-        self.dropped = Counter("settle_router_dropped_total",
-                               "Messages dropped because a shard's queue was full (replay refills)", ["shard"],
-                               registry=registry)
-        self.queue_depth = Gauge("settle_router_queue_depth", "Messages waiting for a busy shard", ["shard"],
-                                 registry=registry)
-        self.quarantined = Counter("settle_quarantined_total", "Messages quarantined, by reason",
-                                   ["process", "reason"], registry=registry)
+        f = _Families(registry)
+        self.received = f.counter("settle_router_received_total", "Messages received from the ME")
+        by_shard = ["shard"]
+        self.forwarded = f.counter("settle_router_forwarded_total", "Messages forwarded, per shard", by_shard)
+        self.dropped = f.counter("settle_router_dropped_total",
+                                 "Messages dropped because a shard's queue was full (replay refills)",
+                                 by_shard)
+        self.queue_depth = f.gauge("settle_router_queue_depth", "Messages waiting for a busy shard", by_shard)
+        self.quarantined = f.counter("settle_quarantined_total", "Messages quarantined, by reason",
+                                     ["process", "reason"])
+        for reason in ROUTER_QUARANTINE_REASONS:
+            self.quarantined.labels("router", reason)
 
 
 class SupervisorMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.restarts = Counter("settle_supervisor_restarts_total", "Child restarts, by slot and reason",
-                                ["slot", "reason"], registry=registry)
-        self.up = Gauge("settle_supervisor_child_up", "1 when the slot's process is running and ready", ["slot"],
-                        registry=registry)
+    def __init__(self, registry: CollectorRegistry, slots: Iterable[str] = ()) -> None:
+        f = _Families(registry)
+        self.restarts = f.counter("settle_supervisor_restarts_total", "Child restarts, by slot and reason",
+                                  ["slot", "reason"])
+        self.up = f.gauge("settle_supervisor_child_up", "1 when the slot's process is running and ready",
+                          ["slot"])
+        self.init_slots(slots)
+
+    def init_slots(self, slots: Iterable[str]) -> None:
+        """Create each slot's series at zero, so the first restart shows in ``increase()``."""
+        for slot in slots:
+            self.up.labels(slot)
+            for reason in RESTART_REASONS:
+                self.restarts.labels(slot, reason)
+

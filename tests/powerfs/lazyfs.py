@@ -1,0 +1,908 @@
+"""LazyFS for settle's tests: a FUSE passthrough file system that loses power on command.
+
+After Jepsen's LazyFS. Every operation goes straight through to a backing folder, which therefore plays
+the page cache: it is what running programs see. Beside it the file system keeps the durable image,
+what the disk holds:
+
+- per file, its content as of its last ``fsync``/``fdatasync``, and the writes and truncates made since,
+  in order;
+- per directory, its entries (name -> file) as of the last fsync of that directory. A create, mkdir,
+  rename, unlink or rmdir becomes durable only by an fsync of each directory it changed, so a file that
+  was created and fsynced in a directory that never was can vanish.
+
+**Power loss** freezes (SIGSTOP) every process of the machine, that is the process trees the test names
+plus every process with a file or its working directory on the mount; rebuilds the backing folder from
+the durable image; then SIGKILLs them. A request still in flight from one of them fails with EIO and
+changes nothing. What survives of each file's unsynced writes depends on the mode:
+
+``drop``   nothing (LazyFS' default);
+``torn``   the unsynced writes in order up to a random one, which is cut at a random byte: a disk that
+           wrote a prefix of its queue;
+``pages``  each 4 KiB page of each unsynced write, and each unsynced truncate, kept or lost at random: a
+           disk that reorders, so a hole can be followed by data written after it.
+
+Directory entries are never torn: an unsynced create, rename or unlink is lost whole.
+
+The file system runs in its own process (``python -m tests.powerfs.lazyfs serve ...``, on mfusepy and
+libfuse 3) and is driven over a Unix socket by :class:`LazyFS`, a context manager that mounts it and
+always unmounts it. Power is cut on command (:meth:`LazyFS.crash`) or at an armed point
+(:meth:`LazyFS.arm`): the Nth matching operation (say an fsync of a ``.seg`` file, or an fsync of a
+directory that holds an unsynced unlink) cuts it just before or just after the operation takes effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+PAGE_BYTES: Final = 4096
+MODES: Final = ("drop", "torn", "pages")
+POINT_OPS: Final = frozenset(
+    {"create", "mkdir", "write", "truncate", "fsync", "fsyncdir", "unlink", "rmdir", "rename"}
+)
+ROOT: Final = 0
+LIST_MAX: Final = 50
+REPO: Final = Path(__file__).resolve().parents[2]
+
+log = logging.getLogger("lazyfs")
+
+
+class LazyFSError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) of every process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        table[int(name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _ancestors(pid: int, table: dict[int, tuple[int, str]]) -> set[int]:
+    found = set()
+    while pid in table and pid not in found and pid > 1:
+        found.add(pid)
+        pid = table[pid][0]
+    return found
+
+
+def _descendants(roots: set[int], table: dict[int, tuple[int, str]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def _mount_users(mount: str, table: dict[int, tuple[int, str]]) -> set[int]:
+    """Processes with an open file or their working directory on the mount."""
+    inside = (mount, mount + "/")
+    users = set()
+    for pid in table:
+        links = [f"/proc/{pid}/cwd"]
+        with contextlib.suppress(OSError):
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target == inside[0] or target.startswith(inside[1]):
+                users.add(pid)
+                break
+    return users
+
+
+def _tgid(tid: int) -> int | None:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+@dataclass(eq=False)
+class _Node:
+    """A file or directory, in the backing folder (``ino``) and/or in the durable image (``refs``)."""
+
+    nid: int
+    is_dir: bool
+    mode: int
+    ino: int | None
+    path: str  # its last known path on the mount, for matching and reports
+    durable: bytearray = field(default_factory=bytearray)  # a file's content on the disk
+    pending: list[tuple[int, bytes | None]] = field(default_factory=list)  # (offset, data) or (size, None)
+    entries: dict[str, int] = field(default_factory=dict)  # a directory's durable entries
+    dirty: set[str] = field(default_factory=set)  # a directory's kinds of unsynced change
+    refs: int = 0  # durable entries naming it
+    linked: bool = True  # has a name in the backing folder
+    handles: int = 0
+
+
+@dataclass(eq=False)
+class _Handle:
+    fd: int
+    nid: int
+    append: bool
+
+
+@dataclass(eq=False)
+class _Trigger:
+    ops: frozenset[str]
+    path: re.Pattern[str]
+    skip: int
+    when: str
+    dirty: str | None  # fsyncdir: only a directory holding an unsynced change of this kind
+    pending: bool  # fsync: only a file holding unsynced writes
+    crash: dict[str, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    report: dict[str, Any] | None = None
+
+
+def _apply(data: bytearray, offset: int, payload: bytes | None) -> None:
+    if payload is None:  # a truncate to ``offset``
+        if offset < len(data):
+            del data[offset:]
+        else:
+            data.extend(bytes(offset - len(data)))
+        return
+    if offset > len(data):
+        data.extend(bytes(offset - len(data)))
+    data[offset : offset + len(payload)] = payload
+
+
+def _survivor(node: _Node, mode: str, rng: random.Random, stats: Counter[str]) -> bytearray:
+    """The content the disk holds for ``node`` after power loss in ``mode``."""
+    data = bytearray(node.durable)
+    ops = node.pending
+    written = sum(len(p) for _, p in ops if p is not None)
+    if not ops:
+        return data
+    stats["files_reverted"] += 1
+    kept = 0
+    if mode == "torn":
+        cut_at = rng.randrange(len(ops))
+        for offset, payload in ops[:cut_at]:
+            _apply(data, offset, payload)
+            kept += len(payload or b"")
+        offset, payload = ops[cut_at]
+        if payload is not None and len(payload) > 1:
+            cut = rng.randrange(1, len(payload))
+            _apply(data, offset, payload[:cut])
+            kept += cut
+            stats["writes_torn"] += 1
+    elif mode == "pages":
+        for offset, payload in ops:
+            if payload is None:
+                if rng.random() < 0.5:
+                    _apply(data, offset, None)
+                continue
+            start = 0
+            while start < len(payload):
+                end = min(len(payload), (offset + start) // PAGE_BYTES * PAGE_BYTES + PAGE_BYTES - offset)
+                if rng.random() < 0.5:
+                    _apply(data, offset + start, payload[start:end])
+                    kept += end - start
+                    stats["pages_kept"] += 1
+                else:
+                    stats["pages_lost"] += 1
+                start = end
+    stats["bytes_dropped"] += written - kept
+    return data
+
+
+# ------------------------------------------------------------------------------------------ the file system
+
+
+def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
+    from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context
+
+    def fail(code: int = errno.EIO) -> FuseOSError:
+        return FuseOSError(code)
+
+    class LazyOps(Operations):  # type: ignore[misc]
+        use_ns = True
+
+        def __init__(self) -> None:
+            self.lock = threading.RLock()
+            self.nodes: dict[int, _Node] = {}
+            self.by_ino: dict[int, int] = {}
+            self.next_nid = ROOT
+            self.handles: dict[int, _Handle] = {}
+            self.next_fh = 1
+            self.dead: set[int] = set()
+            self.trigger: _Trigger | None = None
+            self.counts: Counter[str] = Counter()
+            self.crashes = 0
+            self._load()
+
+        # -- bookkeeping ----------------------------------------------------------------------------
+
+        def _load(self) -> None:
+            """Whatever the backing folder holds at mount time is on the disk."""
+            def load(full: str, rel: str) -> int:
+                st = os.lstat(full)
+                node = self._new_node(st, rel)
+                if node.is_dir:
+                    for entry in sorted(os.listdir(full)):
+                        child = load(os.path.join(full, entry), f"{rel.rstrip('/')}/{entry}")
+                        node.entries[entry] = child
+                        self.nodes[child].refs += 1
+                else:
+                    with open(full, "rb") as f:
+                        node.durable = bytearray(f.read())
+                return node.nid
+
+            load(str(backing), "/")
+
+        def _new_node(self, st: os.stat_result, path: str) -> _Node:
+            node = _Node(self.next_nid, stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_ino, path)
+            self.next_nid += 1
+            self.nodes[node.nid] = node
+            self.by_ino[st.st_ino] = node.nid
+            return node
+
+        def _full(self, path: str) -> str:
+            return os.path.join(str(backing), path.lstrip("/"))
+
+        def _node_at(self, path: str) -> _Node:
+            st = os.lstat(self._full(path))
+            nid = self.by_ino.get(st.st_ino)
+            if nid is None:
+                return self._new_node(st, path)  # nothing made it durable yet
+            return self.nodes[nid]
+
+        def _parent(self, path: str) -> _Node:
+            return self._node_at(os.path.dirname(path.rstrip("/")) or "/")
+
+        def _unlinked(self, node: _Node) -> None:
+            node.linked = False
+            if node.handles == 0:
+                self._freed(node)
+
+        def _freed(self, node: _Node) -> None:
+            """The backing inode is gone; the node lives on while the durable image names it."""
+            if node.ino is not None and self.by_ino.get(node.ino) == node.nid:
+                del self.by_ino[node.ino]
+            node.ino = None
+            if node.refs == 0:
+                self.nodes.pop(node.nid, None)
+
+        def _handle(self, fh: int) -> tuple[_Handle, _Node]:
+            handle = self.handles.get(fh)
+            if handle is None:
+                raise fail()  # opened before a power loss
+            return handle, self.nodes[handle.nid]
+
+        def _open_handle(self, fd: int, node: _Node, flags: int) -> int:
+            fh = self.next_fh
+            self.next_fh += 1
+            self.handles[fh] = _Handle(fd, node.nid, bool(flags & os.O_APPEND))
+            node.handles += 1
+            return fh
+
+        def _enter(self, op: str) -> None:
+            """Called with the lock held: refuse requests from the processes the last power loss killed."""
+            self.counts[op] += 1
+            if self.dead:
+                pid = fuse_get_context()[2]
+                if pid and _tgid(pid) in self.dead | {None}:
+                    raise fail()
+
+        # -- power loss -----------------------------------------------------------------------------
+
+        def _match(self, op: str, path: str | None, node: _Node | None) -> str | None:
+            trigger = self.trigger
+            if trigger is None or op not in trigger.ops:
+                return None
+            if not trigger.path.search(path or (node.path if node else "")):
+                return None
+            if trigger.dirty is not None and (node is None or trigger.dirty not in node.dirty):
+                return None
+            if trigger.pending and (node is None or not node.pending):
+                return None
+            if trigger.skip > 0:
+                trigger.skip -= 1
+                return None
+            return trigger.when
+
+        def _fire(self, op: str, path: str | None) -> FuseOSError:
+            trigger = self.trigger
+            assert trigger is not None
+            self.trigger = None
+            trigger.report = self.crash(**trigger.crash, op=f"{trigger.when} {op} {path}", done=trigger.done)
+            return fail()
+
+        def _point(self, op: str, path: str | None, node: _Node | None, action):  # type: ignore[no-untyped-def]
+            when = self._match(op, path, node)
+            if when == "before":
+                raise self._fire(op, path)
+            result = action()
+            if when == "after":
+                raise self._fire(op, path)
+            return result
+
+        def crash(self, *, mode: str = "drop", seed: int = 0, roots: list[int] | tuple[int, ...] = (),
+                  label: str = "", op: str = "command", done: threading.Event | None = None) -> dict[str, Any]:
+            assert mode in MODES, mode
+            with self.lock:
+                victims = self._freeze(set(roots))
+                self.dead |= victims
+                report = self._rebuild(mode, random.Random(seed))
+                for pid in victims:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self.crashes += 1
+                report.update(label=label, mode=mode, seed=seed, op=op, victims=sorted(victims),
+                              crash=self.crashes)
+            done = done or threading.Event()
+            threading.Thread(target=self._bury, args=(victims, done), daemon=True).start()
+            log.warning("power loss %d (%s, %s): %s", self.crashes, label, op, json.dumps(report)[:2000])
+            return report
+
+        def _freeze(self, roots: set[int]) -> set[int]:
+            table = _proc_table()
+            spared = set(protect) | _ancestors(os.getpid(), table)
+            for pid in protect:
+                spared |= _ancestors(pid, table)
+            stopped: set[int] = set()
+            for _ in range(20):  # until no process of the machine is left running (one may be forking)
+                table = _proc_table()
+                machine = (_descendants(roots, table) | _mount_users(str(mount), table)) - spared
+                new = {pid for pid in machine - stopped if table[pid][1] not in ("Z", "X")}
+                if not new:
+                    break
+                for pid in new:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
+                stopped |= new
+            return stopped
+
+        def _bury(self, victims: set[int], done: threading.Event) -> None:
+            while not all(_gone(pid) for pid in victims):
+                time.sleep(0.01)
+            with self.lock:
+                self.dead -= victims
+            done.set()
+
+        def _tree(self) -> set[str]:
+            paths = set()
+            for top, dirs, files in os.walk(backing):
+                rel = os.path.relpath(top, backing)
+                for name in dirs + files:
+                    paths.add(os.path.normpath(os.path.join("/", rel, name)))
+            return paths
+
+        def _rebuild(self, mode: str, rng: random.Random) -> dict[str, Any]:
+            """Replace the backing folder's contents with what the disk holds after power loss."""
+            before = self._tree()
+            for handle in self.handles.values():
+                os.close(handle.fd)
+            self.handles.clear()
+            for entry in os.scandir(backing):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+            stats: Counter[str] = Counter()
+            kept: dict[int, _Node] = {}
+
+            def build(nid: int, rel: str) -> None:
+                node = self.nodes[nid]
+                full = self._full(rel)
+                node.path = rel
+                if node.is_dir:
+                    if nid != ROOT:
+                        os.mkdir(full, node.mode)
+                    entries = {}
+                    for name, child in sorted(node.entries.items()):
+                        if child in kept:  # two durable names for one directory: a rename, half synced
+                            stats["aliases_dropped"] += 1
+                            continue
+                        entries[name] = child
+                        kept[child] = self.nodes[child]
+                        build(child, f"{rel.rstrip('/')}/{name}")
+                    node.entries = entries
+                    node.dirty.clear()
+                else:
+                    node.durable = _survivor(node, mode, rng, stats)
+                    node.pending = []
+                    fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, node.mode)
+                    try:
+                        os.write(fd, node.durable)
+                    finally:
+                        os.close(fd)
+                node.ino = os.lstat(full).st_ino
+                node.linked, node.handles, node.refs = True, 0, 0
+
+            kept[ROOT] = self.nodes[ROOT]
+            build(ROOT, "/")
+            for node in kept.values():
+                for child in node.entries.values():
+                    kept[child].refs += 1
+            self.nodes = kept
+            self.by_ino = {node.ino: nid for nid, node in kept.items() if node.ino is not None}
+            after = self._tree()
+            lost, revived = sorted(before - after), sorted(after - before)
+            return dict(stats, lost=lost[:LIST_MAX], lost_count=len(lost), revived=revived[:LIST_MAX],
+                        revived_count=len(revived))
+
+        # -- operations -----------------------------------------------------------------------------
+
+        def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+            with self.lock:
+                self._enter("getattr")
+                st = os.fstat(self._handle(fh)[0].fd) if fh else os.lstat(self._full(path))
+            keys = ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns",
+                    "st_ctime_ns", "st_blocks", "st_blksize", "st_ino")
+            attrs = {key.removesuffix("_ns"): getattr(st, key) for key in keys}
+            return attrs
+
+        def readdir(self, path: str, fh: int) -> list[str]:
+            with self.lock:
+                self._enter("readdir")
+                return [".", "..", *os.listdir(self._full(path))]
+
+        def access(self, path: str, amode: int) -> int:
+            with self.lock:
+                self._enter("access")
+                if not os.access(self._full(path), amode):
+                    raise fail(errno.EACCES)
+            return 0
+
+        def statfs(self, path: str) -> dict[str, int]:
+            st = os.statvfs(str(backing))
+            keys = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag",
+                    "f_frsize", "f_namemax")
+            return {key: getattr(st, key) for key in keys}
+
+        def chmod(self, path: str, mode: int) -> int:
+            with self.lock:
+                self._enter("chmod")
+                os.chmod(self._full(path), mode)
+                self._node_at(path).mode = mode & 0o7777
+            return 0
+
+        def chown(self, path: str, uid: int, gid: int) -> int:
+            with self.lock:
+                self._enter("chown")
+                os.chown(self._full(path), uid, gid)
+            return 0
+
+        def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+            with self.lock:
+                self._enter("utimens")
+                os.utime(self._full(path), ns=times) if times else os.utime(self._full(path))
+            return 0
+
+        def link(self, target: str, source: str) -> int:
+            raise fail(errno.EPERM)  # hard links are not modelled
+
+        def symlink(self, target: str, source: str) -> int:
+            raise fail(errno.EPERM)
+
+        def mknod(self, path: str, mode: int, dev: int) -> int:
+            raise fail(errno.EPERM)
+
+        def mkdir(self, path: str, mode: int) -> int:
+            with self.lock:
+                self._enter("mkdir")
+                parent = self._parent(path)
+
+                def action() -> int:
+                    os.mkdir(self._full(path), mode)
+                    self._new_node(os.lstat(self._full(path)), path)
+                    parent.dirty.add("create")
+                    return 0
+
+                return int(self._point("mkdir", path, parent, action))
+
+        def _remove(self, op: str, path: str) -> int:
+            with self.lock:
+                self._enter(op)
+                parent = self._parent(path)
+                node = self._node_at(path)
+
+                def action() -> int:
+                    nlink = os.lstat(self._full(path)).st_nlink
+                    (os.rmdir if op == "rmdir" else os.unlink)(self._full(path))
+                    parent.dirty.add("unlink")
+                    if node.is_dir or nlink <= 1:
+                        self._unlinked(node)
+                    return 0
+
+                return int(self._point(op, path, parent, action))
+
+        def unlink(self, path: str) -> int:
+            return self._remove("unlink", path)
+
+        def rmdir(self, path: str) -> int:
+            return self._remove("rmdir", path)
+
+        def rename(self, old: str, new: str) -> int:
+            with self.lock:
+                self._enter("rename")
+                node = self._node_at(old)
+                old_parent, new_parent = self._parent(old), self._parent(new)
+                try:
+                    target: _Node | None = self._node_at(new)
+                except FileNotFoundError:
+                    target = None
+
+                def action() -> int:
+                    nlink = os.lstat(self._full(new)).st_nlink if target is not None else 0
+                    os.rename(self._full(old), self._full(new))
+                    old_parent.dirty.add("rename")
+                    new_parent.dirty.add("rename")
+                    node.path = new
+                    if target is not None and target is not node and (target.is_dir or nlink <= 1):
+                        self._unlinked(target)
+                    return 0
+
+                return int(self._point("rename", new, new_parent, action))
+
+        def create(self, path: str, mode: int, flags: int) -> int:
+            with self.lock:
+                self._enter("create")
+                parent = self._parent(path)
+
+                def action() -> int:
+                    existed = os.path.lexists(self._full(path))
+                    fd = os.open(self._full(path), flags | os.O_CREAT, mode)
+                    st = os.fstat(fd)
+                    nid = self.by_ino.get(st.st_ino)
+                    node = self._new_node(st, path) if nid is None else self.nodes[nid]
+                    if not existed:
+                        parent.dirty.add("create")
+                    elif flags & os.O_TRUNC:
+                        node.pending.append((0, None))
+                    return self._open_handle(fd, node, flags)
+
+                return int(self._point("create", path, parent, action))
+
+        def open(self, path: str, flags: int) -> int:
+            with self.lock:
+                self._enter("open")
+                fd = os.open(self._full(path), flags & ~(os.O_CREAT | os.O_EXCL))
+                node = self._node_at(path)
+                node.path = path
+                if flags & os.O_TRUNC:
+                    node.pending.append((0, None))
+                return self._open_handle(fd, node, flags)
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            with self.lock:
+                self._enter("read")
+                return os.pread(self._handle(fh)[0].fd, size, offset)
+
+        def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+            with self.lock:
+                self._enter("write")
+                handle, node = self._handle(fh)
+
+                def action() -> int:
+                    at = os.fstat(handle.fd).st_size if handle.append else offset
+                    done = os.pwrite(handle.fd, data, at)
+                    node.pending.append((at, bytes(data[:done])))
+                    return done
+
+                return int(self._point("write", path, node, action))
+
+        def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+            with self.lock:
+                self._enter("truncate")
+                if fh:
+                    handle, node = self._handle(fh)
+                else:
+                    handle, node = None, self._node_at(path)
+
+                def action() -> int:
+                    if handle is not None:
+                        os.ftruncate(handle.fd, length)
+                    else:
+                        os.truncate(self._full(path), length)
+                    node.pending.append((length, None))
+                    return 0
+
+                return int(self._point("truncate", path, node, action))
+
+        def flush(self, path: str, fh: int) -> int:
+            return 0
+
+        def release(self, path: str, fh: int) -> int:
+            with self.lock:
+                handle = self.handles.pop(fh, None)
+                if handle is not None:
+                    os.close(handle.fd)
+                    node = self.nodes[handle.nid]
+                    node.handles -= 1
+                    if not node.linked and node.handles == 0:
+                        self._freed(node)
+            return 0
+
+        def fsync(self, path: str, datasync: int, fh: int) -> int:
+            with self.lock:
+                self._enter("fsync")
+                _, node = self._handle(fh)
+
+                def action() -> int:
+                    for offset, payload in node.pending:
+                        _apply(node.durable, offset, payload)
+                    node.pending.clear()
+                    return 0
+
+                return int(self._point("fsync", path, node, action))
+
+        def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+            with self.lock:
+                self._enter("fsyncdir")
+                node = self._node_at(path)
+
+                def action() -> int:
+                    entries = {}
+                    for entry in os.scandir(self._full(path)):
+                        nid = self.by_ino.get(entry.inode())
+                        if nid is None:
+                            nid = self._new_node(entry.stat(follow_symlinks=False), f"{path}/{entry.name}").nid
+                        entries[entry.name] = nid
+                    for nid in entries.values():
+                        self.nodes[nid].refs += 1
+                    for nid in node.entries.values():
+                        child = self.nodes[nid]
+                        child.refs -= 1
+                        if child.refs == 0 and child.ino is None:
+                            self.nodes.pop(nid, None)
+                    node.entries = entries
+                    node.dirty.clear()
+                    return 0
+
+                return int(self._point("fsyncdir", path, node, action))
+
+    ops = LazyOps()
+    server = _control_server(ops, control)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        FUSE(ops, str(mount), foreground=True, fsname="lazyfs", direct_io=True, hard_remove=True,
+             entry_timeout=0, attr_timeout=0, negative_timeout=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
+
+
+def _control_server(ops: Any, path: Path) -> socketserver.ThreadingUnixStreamServer:
+    """One JSON request per line, one JSON answer per line."""
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            for line in self.rfile:
+                try:
+                    answer = dispatch(json.loads(line))
+                except Exception as e:  # the test wants to read what went wrong, not a hung socket
+                    log.exception("control request failed")
+                    answer = {"error": f"{type(e).__name__}: {e}"}
+                self.wfile.write(json.dumps(answer).encode() + b"\n")
+                self.wfile.flush()
+
+    armed: list[_Trigger] = []  # the last trigger armed, kept after it fired for `wait`
+
+    def dispatch(request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.pop("cmd")
+        if cmd == "ping":
+            return {"pid": os.getpid()}
+        if cmd == "crash":
+            done = threading.Event()
+            report = ops.crash(**request, done=done)
+            done.wait()
+            return dict(report)
+        if cmd == "arm":
+            unknown = set(request["ops"]) - POINT_OPS
+            if unknown or request.get("when", "before") not in ("before", "after"):
+                return {"error": f"cannot arm on {sorted(unknown)} / {request.get('when')}"}
+            with ops.lock:
+                ops.trigger = trigger = _Trigger(
+                    ops=frozenset(request["ops"]), path=re.compile(request.get("path", "")),
+                    skip=int(request.get("skip", 0)), when=request.get("when", "before"),
+                    dirty=request.get("dirty"), pending=bool(request.get("pending", False)),
+                    crash=request.get("crash", {}),
+                )
+            armed[:] = [trigger]
+            return {"armed": True}
+        if cmd == "wait":
+            if not armed:
+                return {"fired": False}
+            trigger = armed[0]
+            fired = trigger.done.wait(float(request.get("timeout_s", 60.0)))
+            return {"fired": fired, **(trigger.report or {})} if fired else {"fired": False}
+        if cmd == "disarm":
+            with ops.lock:
+                ops.trigger = None
+            armed.clear()
+            return {"disarmed": True}
+        if cmd == "stats":
+            with ops.lock:
+                return {"crashes": ops.crashes, "counts": dict(ops.counts), "nodes": len(ops.nodes)}
+        return {"error": f"unknown command {cmd!r}"}
+
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return socketserver.ThreadingUnixStreamServer(str(path), Handler)
+
+
+# ------------------------------------------------------------------------------------------ the test side
+
+
+class LazyFS:
+    """Mounts a LazyFS at ``root/mnt`` over ``root/backing``; a context manager that always unmounts.
+
+    ``protect``: pids that a power loss never kills (the test process and its ancestors always are).
+    """
+
+    def __init__(self, root: Path, *, protect: tuple[int, ...] = ()) -> None:
+        self.root = Path(root)
+        self.backing = self.root / "backing"
+        self.mount = self.root / "mnt"
+        self.control = self.root / "control.sock"
+        self.log_path = self.root / "lazyfs.log"
+        self.protect = (os.getpid(), *protect)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.crashes: list[dict[str, Any]] = []
+
+    def __enter__(self) -> LazyFS:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        self.backing.mkdir(parents=True, exist_ok=True)
+        self.mount.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "tests.powerfs.lazyfs", "serve", str(self.backing), str(self.mount),
+                str(self.control), *(f"--protect={pid}" for pid in self.protect)]
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file,
+                                         stderr=log_file)
+        deadline = time.monotonic() + timeout_s
+        while not (self.control.exists() and os.path.ismount(self.mount)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise LazyFSError(f"LazyFS did not mount at {self.mount}:\n{self.log()}")
+            time.sleep(0.02)
+        self._call(cmd="ping")
+
+    def stop(self) -> None:
+        """Unmount (lazily when a process still holds a file) and stop the server, whatever state it is in."""
+        if self.proc is None:
+            return
+        if os.path.ismount(self.mount) or self.proc.poll() is None:
+            done = subprocess.run(["fusermount3", "-u", str(self.mount)], capture_output=True, check=False)
+            if done.returncode != 0:
+                subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if os.path.ismount(self.mount):
+            subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
+        self.proc = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def _call(self, **request: Any) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(self.control))
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            with sock.makefile("rb") as reader:
+                line = reader.readline()
+        if not line:
+            raise LazyFSError(f"LazyFS closed the control socket on {request}:\n{self.log()}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise LazyFSError(f"LazyFS: {answer['error']}")
+        return answer
+
+    def crash(self, *, roots: tuple[int, ...] | list[int] = (), mode: str = "drop", seed: int = 0,
+              label: str = "command") -> dict[str, Any]:
+        """Lose power now: kill the machine (``roots``' trees and the mount's users), keep what is durable.
+
+        Returns once every killed process is dead, with what was lost (``lost``: paths, ``bytes_dropped``...).
+        """
+        report = self._call(cmd="crash", roots=list(roots), mode=mode, seed=seed, label=label)
+        self.crashes.append(report)
+        return report
+
+    def arm(self, ops: set[str] | list[str], *, path: str = "", skip: int = 0, when: str = "before",
+            dirty: str | None = None, pending: bool = False, roots: tuple[int, ...] | list[int] = (),
+            mode: str = "drop", seed: int = 0, label: str = "armed") -> None:
+        """Lose power at the ``skip``+1-th operation in ``ops`` on a path matching ``path`` (a regex),
+        ``when`` "before" or "after" it takes effect. ``dirty``: fsyncdir of a directory holding an
+        unsynced "create", "unlink" or "rename"; ``pending``: fsync of a file holding unsynced writes."""
+        self._call(cmd="arm", ops=sorted(ops), path=path, skip=skip, when=when, dirty=dirty, pending=pending,
+                   crash={"roots": list(roots), "mode": mode, "seed": seed, "label": label})
+
+    def wait(self, timeout_s: float = 60.0) -> dict[str, Any] | None:
+        """The report of the armed power loss once it happened and its victims are dead, else None."""
+        answer = self._call(cmd="wait", timeout_s=timeout_s)
+        if not answer.pop("fired"):
+            return None
+        self.crashes.append(answer)
+        return answer
+
+    def disarm(self) -> None:
+        self._call(cmd="disarm")
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(cmd="stats")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lazyfs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="mount BACKING at MOUNT, controlled over the Unix socket CONTROL")
+    p.add_argument("backing", type=Path)
+    p.add_argument("mount", type=Path)
+    p.add_argument("control", type=Path)
+    p.add_argument("--protect", type=int, action="append", default=[], help="a pid power loss never kills")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s lazyfs %(levelname)s %(message)s")
+    return _serve(args.backing.resolve(), args.mount.resolve(), args.control, set(args.protect))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
