@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from engine.messages import ReplayChunk, ReplayEnd, encoder, replay_reply_decoder
-from tests.harness import System
+from engine.testbed import System
 from tests.integration.test_pipeline import assert_exact
 
 pytestmark = pytest.mark.integration

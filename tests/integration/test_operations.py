@@ -14,7 +14,7 @@ import pytest
 
 from engine.demo import start_engine
 from engine.errors import EXIT_WAL_CORRUPT
-from tests.harness import System
+from engine.testbed import System
 from tests.integration.test_pipeline import assert_exact
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import quarantine
-from tests.harness import System
+from engine.testbed import System
 
 pytestmark = pytest.mark.integration
 

@@ -81,10 +81,10 @@ def _proc_table() -> dict[int, tuple[int, str]]:
             continue
         try:
             with open(f"/proc/{name}/stat") as f:
-                stat = f.read()
+                text = f.read()
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
+        fields = text.rsplit(")", 1)[1].split()
         table[int(name)] = (int(fields[1]), fields[0])
     return table
 
@@ -254,7 +254,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
         use_ns = True
 
         def __init__(self) -> None:
-            self.lock = threading.RLock()
+            self.mutex = threading.RLock()
             self.nodes: dict[int, _Node] = {}
             self.by_ino: dict[int, int] = {}
             self.next_nid = ROOT
@@ -373,9 +373,10 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             return result
 
         def crash(self, *, mode: str = "drop", seed: int = 0, roots: list[int] | tuple[int, ...] = (),
-                  label: str = "", op: str = "command", done: threading.Event | None = None) -> dict[str, Any]:
+                  label: str = "", op: str = "command",
+                  done: threading.Event | None = None) -> dict[str, Any]:
             assert mode in MODES, mode
-            with self.lock:
+            with self.mutex:
                 victims = self._freeze(set(roots))
                 self.dead |= victims
                 report = self._rebuild(mode, random.Random(seed))
@@ -411,7 +412,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
         def _bury(self, victims: set[int], done: threading.Event) -> None:
             while not all(_gone(pid) for pid in victims):
                 time.sleep(0.01)
-            with self.lock:
+            with self.mutex:
                 self.dead -= victims
             done.set()
 
@@ -480,7 +481,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
         # -- operations -----------------------------------------------------------------------------
 
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-            with self.lock:
+            with self.mutex:
                 self._enter("getattr")
                 st = os.fstat(self._handle(fh)[0].fd) if fh else os.lstat(self._full(path))
             keys = ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns",
@@ -489,12 +490,12 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             return attrs
 
         def readdir(self, path: str, fh: int) -> list[str]:
-            with self.lock:
+            with self.mutex:
                 self._enter("readdir")
                 return [".", "..", *os.listdir(self._full(path))]
 
         def access(self, path: str, amode: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("access")
                 if not os.access(self._full(path), amode):
                     raise fail(errno.EACCES)
@@ -507,20 +508,20 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             return {key: getattr(st, key) for key in keys}
 
         def chmod(self, path: str, mode: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("chmod")
                 os.chmod(self._full(path), mode)
                 self._node_at(path).mode = mode & 0o7777
             return 0
 
         def chown(self, path: str, uid: int, gid: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("chown")
                 os.chown(self._full(path), uid, gid)
             return 0
 
         def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("utimens")
                 os.utime(self._full(path), ns=times) if times else os.utime(self._full(path))
             return 0
@@ -535,7 +536,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             raise fail(errno.EPERM)
 
         def mkdir(self, path: str, mode: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("mkdir")
                 parent = self._parent(path)
 
@@ -548,7 +549,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 return int(self._point("mkdir", path, parent, action))
 
         def _remove(self, op: str, path: str) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter(op)
                 parent = self._parent(path)
                 node = self._node_at(path)
@@ -570,7 +571,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             return self._remove("rmdir", path)
 
         def rename(self, old: str, new: str) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("rename")
                 node = self._node_at(old)
                 old_parent, new_parent = self._parent(old), self._parent(new)
@@ -592,7 +593,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 return int(self._point("rename", new, new_parent, action))
 
         def create(self, path: str, mode: int, flags: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("create")
                 parent = self._parent(path)
 
@@ -611,7 +612,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 return int(self._point("create", path, parent, action))
 
         def open(self, path: str, flags: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("open")
                 fd = os.open(self._full(path), flags & ~(os.O_CREAT | os.O_EXCL))
                 node = self._node_at(path)
@@ -621,12 +622,12 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 return self._open_handle(fd, node, flags)
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            with self.lock:
+            with self.mutex:
                 self._enter("read")
                 return os.pread(self._handle(fh)[0].fd, size, offset)
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("write")
                 handle, node = self._handle(fh)
 
@@ -639,7 +640,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 return int(self._point("write", path, node, action))
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("truncate")
                 if fh:
                     handle, node = self._handle(fh)
@@ -660,7 +661,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             return 0
 
         def release(self, path: str, fh: int) -> int:
-            with self.lock:
+            with self.mutex:
                 handle = self.handles.pop(fh, None)
                 if handle is not None:
                     os.close(handle.fd)
@@ -671,7 +672,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             return 0
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("fsync")
                 _, node = self._handle(fh)
 
@@ -684,7 +685,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 return int(self._point("fsync", path, node, action))
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
-            with self.lock:
+            with self.mutex:
                 self._enter("fsyncdir")
                 node = self._node_at(path)
 
@@ -693,7 +694,8 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                     for entry in os.scandir(self._full(path)):
                         nid = self.by_ino.get(entry.inode())
                         if nid is None:
-                            nid = self._new_node(entry.stat(follow_symlinks=False), f"{path}/{entry.name}").nid
+                            st = entry.stat(follow_symlinks=False)
+                            nid = self._new_node(st, f"{path.rstrip('/')}/{entry.name}").nid
                         entries[entry.name] = nid
                     for nid in entries.values():
                         self.nodes[nid].refs += 1
@@ -749,7 +751,7 @@ def _control_server(ops: Any, path: Path) -> socketserver.ThreadingUnixStreamSer
             unknown = set(request["ops"]) - POINT_OPS
             if unknown or request.get("when", "before") not in ("before", "after"):
                 return {"error": f"cannot arm on {sorted(unknown)} / {request.get('when')}"}
-            with ops.lock:
+            with ops.mutex:
                 ops.trigger = trigger = _Trigger(
                     ops=frozenset(request["ops"]), path=re.compile(request.get("path", "")),
                     skip=int(request.get("skip", 0)), when=request.get("when", "before"),
@@ -765,12 +767,12 @@ def _control_server(ops: Any, path: Path) -> socketserver.ThreadingUnixStreamSer
             fired = trigger.done.wait(float(request.get("timeout_s", 60.0)))
             return {"fired": fired, **(trigger.report or {})} if fired else {"fired": False}
         if cmd == "disarm":
-            with ops.lock:
+            with ops.mutex:
                 ops.trigger = None
             armed.clear()
             return {"disarmed": True}
         if cmd == "stats":
-            with ops.lock:
+            with ops.mutex:
                 return {"crashes": ops.crashes, "counts": dict(ops.counts), "nodes": len(ops.nodes)}
         return {"error": f"unknown command {cmd!r}"}
 

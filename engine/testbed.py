@@ -1,4 +1,4 @@
-"""Running the whole system as real processes for integration and chaos tests.
+"""The whole system as real processes on one box: for integration tests, chaos runs and benchmarks.
 
 ``System`` owns a data directory, a config on free loopback ports, the supervised engine (``settle
 run``) and the ME simulator (``settle sim``), and stops all of them. Faults are injected with real
