@@ -22,23 +22,19 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Endpoint = Annotated[str, msgspec.Meta(pattern=r"^(tcp|ipc)://.+$")]
 
 
-class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
-
-
-class EngineConfig(_Section):
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     shards: PositiveInt | Literal["auto"] = "auto"
     data_dir: str = "var"  # WALs, ipc sockets, quarantine files, logs; relative to the working directory
     fee_account: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
-class MEConfig(_Section):
+class MEConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     publish: Endpoint = "tcp://127.0.0.1:5555"  # the ME's PUB socket; the router subscribes to it
     replay: Endpoint = "tcp://127.0.0.1:5556"  # the ME's replay endpoint (ROUTER)
     heartbeat_interval_ms: PositiveInt = 500
 
 
-class RouterConfig(_Section):
+class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     transport: Literal["ipc", "tcp"] = "ipc"
     tcp_host: str = "127.0.0.1"
     tcp_base_port: Port = 5600  # shard N listens on tcp_base_port + N when transport = "tcp"
@@ -46,7 +42,7 @@ class RouterConfig(_Section):
     rcvhwm: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
 
 
-class WalConfig(_Section):
+class WalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     batch_trades_max: PositiveInt = 4096
     fsync_wait_us_max: PositiveInt = 2000
     segment_bytes_max: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
@@ -55,13 +51,13 @@ class WalConfig(_Section):
     fsync: bool = True  # false only for benchmarks that measure what fsync costs
 
 
-class ReplicationConfig(_Section):
+class ReplicationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     strategy: Literal["SimpleStrategy", "NetworkTopologyStrategy"] = "SimpleStrategy"
     replication_factor: PositiveInt = 1  # SimpleStrategy
     datacenters: dict[str, PositiveInt] = {}  # NetworkTopologyStrategy: {"dc1": 3}
 
 
-class CassandraConfig(_Section):
+class CassandraConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     contact_points: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1"])
     port: Port = 9042
     keyspace: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,47}$")] = "settle"
@@ -78,13 +74,13 @@ class CassandraConfig(_Section):
     create_schema: bool = True  # create keyspace and tables on first start
 
 
-class StoreConfig(_Section):
+class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     kind: Literal["embedded", "cassandra"] = "embedded"
     path: str = "var/settle.db"  # embedded store file
     cassandra: CassandraConfig = CassandraConfig()
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     host: str = "127.0.0.1"
     supervisor_port: Port = 9400
@@ -93,7 +89,7 @@ class MetricsConfig(_Section):
     shard_port_base: Port = 9410  # shard N serves on shard_port_base + N
 
 
-class SupervisorConfig(_Section):
+class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     heartbeat_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     restart_backoff_s_max: Annotated[float, msgspec.Meta(gt=0)] = 5.0
@@ -102,7 +98,7 @@ class SupervisorConfig(_Section):
     drain_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
 
 
-class Config(_Section):
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     engine: EngineConfig = EngineConfig()
     me: MEConfig = MEConfig()
     router: RouterConfig = RouterConfig()

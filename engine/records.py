@@ -68,10 +68,7 @@ def _record_at(data: bytes | memoryview, offset: int) -> tuple[int, bytes] | str
 
 
 def _sound_record_after(data: bytes | memoryview, offset: int) -> bool:
-    for start in range(offset + 1, len(data) - HEADER_BYTES):
-        if not isinstance(_record_at(data, start), str):
-            return True
-    return False
+    return any(not isinstance(_record_at(data, start), str) for start in range(offset + 1, len(data) - HEADER_BYTES))
 
 
 def scan(data: bytes | memoryview, start: int = MAGIC_BYTES) -> Scan:

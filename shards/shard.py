@@ -236,7 +236,7 @@ class Shard:
     async def _intake(self, sock: zmq.asyncio.Socket) -> None:
         assert self.wal is not None
         wal, cfg = self.wal, self.config.wal
-        raw = zmq.Socket.shadow(sock.underlying)
+        raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         decoder = stream_decoder()
         quarantine = Quarantine(self.config.quarantine_path, f"shard-{self.shard}", self.m.quarantined)
         batch_max = cfg.batch_trades_max
@@ -261,7 +261,7 @@ class Shard:
                 timeout_ms = 100 if not wal.buffered else max(0, int((first_at + wait_s - time.monotonic()) * 1000))
                 if stopping:
                     timeout_ms = 50  # drain what is already queued, then stop
-                if not await sock.poll(timeout_ms, zmq.POLLIN):
+                if not await sock.poll(timeout=timeout_ms):
                     if stopping and not wal.buffered:
                         return
                     continue
@@ -345,7 +345,8 @@ class Shard:
 
     async def _settle_batch(self, trades: list[Trade]) -> None:
         """Settle trades that are already durable in the WAL; retries until the store has them."""
-        assert self.settler is not None and self.store is not None
+        assert self.settler is not None
+        assert self.store is not None
         batch = await self._retry("read positions", lambda: self._prepare(trades))
         started = time.perf_counter()
         self.m.store_inflight.set(1)

@@ -60,7 +60,8 @@ def test_status_balances_and_check_read_the_store(tmp_path: Path) -> None:
         assert sum(r["watermark"] for s in status["shards"] for r in s["symbols"]) == 5_000
         assert all(system.shard_of(r["symbol"]) == s["shard"] for s in status["shards"] for r in s["symbols"])
         text = settle(system, "status").stdout
-        assert "shard 0: ready" in text and "watermark" in text
+        assert "shard 0: ready" in text
+        assert "watermark" in text
     finally:
         system.stop()
     from engine.checker import expected_balances
@@ -130,7 +131,8 @@ def test_torn_tail_is_truncated_and_mid_segment_damage_halts_until_recover(tmp_p
         engine = start_engine(system.config_path, tmp_path)
         assert engine.wait(120) == EXIT_WAL_CORRUPT
         log = (tmp_path / "logs" / "shard-0.log").read_text()
-        assert str(middle) in log and "settle recover --shard 0" in log
+        assert str(middle) in log
+        assert "settle recover --shard 0" in log
         refused = settle(system, "recover", "--shard", "0", check=False)
         assert refused.returncode == EXIT_WAL_CORRUPT
         assert "--repair-corruption" in refused.stderr
