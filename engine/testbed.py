@@ -21,6 +21,7 @@ from engine import config as configmod
 from engine.checker import CheckReport, check
 from engine.demo import demo_config, spawn, start_engine, stop, wait_engine_ready
 from engine.placement import shard_for
+from engine.errors import StoreUnavailable
 from engine.store import open_store
 
 FDATASYNC_SYSCALL = 75  # x86_64
@@ -172,7 +173,11 @@ class System:
         while time.monotonic() < deadline:
             if self.engine is not None and self.engine.poll() is not None:
                 raise AssertionError(f"the engine exited with {self.engine.returncode}; see {self.root}/logs")
-            settled = self.settled()
+            try:
+                settled = self.settled()
+            except StoreUnavailable:
+                time.sleep(1.0)  # the store is restarting; the engine retries too
+                continue
             if settled == total or (at_least and settled >= total):
                 return
             time.sleep(0.2)

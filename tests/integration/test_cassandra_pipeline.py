@@ -1,0 +1,119 @@
+"""The whole pipeline on a real Cassandra: real processes, real kills, the server stopped and restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.testbed import System
+from tests.conftest import server_unavailable
+from tests.integration.test_pipeline import assert_exact
+from tests.servers.cassandra import CassandraServer, CassandraServerError
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cassandra")]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[CassandraServer]:
+    """A Cassandra of this test's own: the test kills and freezes it."""
+    cass = CassandraServer()
+    try:
+        cass.start(tmp_path / "cassandra")
+    except (CassandraServerError, OSError) as e:
+        server_unavailable("Cassandra", e)
+    try:
+        yield cass
+    finally:
+        if cass.pid:
+            try:
+                os.kill(cass.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        cass.stop()
+
+
+def on_cassandra(tmp_path: Path, server: CassandraServer, **overrides: object) -> System:
+    return System(tmp_path / "run", shards=2, store="cassandra", overrides={
+        "store.cassandra.port": server.port,
+        "store.cassandra.keyspace": f"t_{uuid.uuid4().hex[:12]}",
+        "store.cassandra.consistency": "ONE",
+        "store.cassandra.request_timeout_s": 2.0,
+        **overrides,
+    })
+
+
+def test_every_trade_settled_once_on_cassandra(tmp_path: Path, cassandra: CassandraServer) -> None:
+    system = on_cassandra(tmp_path, cassandra)
+    try:
+        system.start_engine()
+        system.start_sim(15_000, rate=3_000)
+        system.wait_settled()
+        old = system.kill("shard-1")
+        system.wait_respawned("shard-1", old)
+    finally:
+        system.stop()
+    assert_exact(system)
+
+
+def test_sigkill_a_shard_between_wal_fsync_and_the_store_write(tmp_path: Path, server: CassandraServer) -> None:
+    system = on_cassandra(tmp_path, server)
+    try:
+        system.start_engine()
+        system.start_sim(30_000, rate=1_500)
+        system.wait_settled(2_000, at_least=True)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)  # the store stops answering: trades pile up fsynced in the WAL
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and _wal_ahead(system) < 500:
+                time.sleep(0.1)
+            assert _wal_ahead(system) >= 500, "the WAL did not get ahead of the store"
+            old = system.kill("shard-0")
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        system.wait_respawned("shard-0", old, timeout_s=120)
+        system.wait_settled()
+    finally:
+        system.stop()
+    assert_exact(system)
+
+
+def test_cassandra_stopped_mid_run_then_started_again(tmp_path: Path, server: CassandraServer) -> None:
+    system = on_cassandra(tmp_path, server)
+    try:
+        system.start_engine()
+        system.start_sim(30_000, rate=1_500)
+        system.wait_settled(2_000, at_least=True)
+        server.kill9()
+        time.sleep(5)  # the DB is down for a while; the shards keep accepting into their WALs
+        ahead = _wal_ahead(system)
+        server.start(server.data_dir)
+        system.wait_settled(timeout_s=300)
+        state = system.state()
+        assert all(slot["restarts"] == 0 for slot in state["slots"].values()), state  # nobody crashed
+    finally:
+        system.stop()
+    assert ahead > 0, "nothing reached the WAL while the DB was down"
+    assert_exact(system)
+
+
+def _wal_ahead(system: System) -> int:
+    """Trades fsynced in the shards' WALs and not yet in the store, from their own /metrics."""
+    total = 0.0
+    for shard in range(system.config.shard_count):
+        port = system.config.metrics.shard_port_base + shard
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            continue  # restarting
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("settle_wal_pending_trades{"))
+    return int(total)
