@@ -221,6 +221,7 @@ class Shard:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._intake_space.set()  # a paused intake wakes up to drain and stop
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         """Stop intake after draining what already arrived, fsync, flush to the store, close."""
@@ -254,7 +255,7 @@ class Shard:
                         first_at = time.monotonic()
                     for trade in replayed:
                         self._accept(trade)
-                if len(self.unsettled) + wal.buffered >= pending_max:
+                if len(self.unsettled) + wal.buffered >= pending_max and not stopping:
                     self._intake_space.clear()
                     await self._intake_space.wait()
                     continue

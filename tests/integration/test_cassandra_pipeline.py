@@ -117,3 +117,32 @@ def _wal_ahead(system: System) -> int:
         total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                      if line.startswith("settle_wal_pending_trades{"))
     return int(total)
+
+
+def test_store_down_fills_the_wal_to_its_bound_then_pushes_back(tmp_path: Path, server: CassandraServer) -> None:
+    bound, batch = 3_000, 256
+    system = on_cassandra(tmp_path, server, **{"wal.pending_trades_max": bound, "wal.batch_trades_max": batch})
+    try:
+        system.start_engine()
+        system.start_sim(40_000, rate=2_000)
+        system.wait_settled(1_000, at_least=True)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            seen = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                seen.append(_wal_ahead(system))
+                if len(seen) > 20 and seen[-1] >= bound - batch and seen[-1] == seen[-10]:
+                    break  # the WAL stopped growing at its bound
+                time.sleep(0.25)
+            assert max(seen) >= bound - batch, f"the WAL never filled to its bound: {seen[-10:]}"
+            assert max(seen) <= system.config.shard_count * (bound + batch), f"the bound did not hold: {max(seen)}"
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        system.wait_settled(timeout_s=300)
+        state = system.state()
+        assert all(slot["restarts"] == 0 for slot in state["slots"].values()), state
+    finally:
+        system.stop()
+    assert_exact(system)
