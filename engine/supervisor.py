@@ -276,22 +276,32 @@ class Supervisor:
             return halt.code
 
     def stop_children(self, kill: bool = False) -> None:
-        """Router first (stop intake), then the shards (drain, fsync, flush, close)."""
+        """Router first (stop intake), then the shards (drain, fsync, flush, close).
+
+        Waits in short steps so that a second SIGTERM is handled at once: it kills every child.
+        """
         self.stopping = True
         timeout = self.config.supervisor.drain_timeout_s + 5
         for group in ([self.router], self.shards):
             for slot in group:
                 if slot.proc and slot.proc.poll() is None:
-                    slot.proc.kill() if kill else slot.proc.terminate()
+                    if kill:
+                        slot.proc.kill()
+                    else:
+                        slot.proc.terminate()
             deadline = time.monotonic() + timeout
+            while any(s.proc and s.proc.poll() is None for s in group):
+                if time.monotonic() > deadline:
+                    for slot in group:
+                        if slot.proc and slot.proc.poll() is None:
+                            log.error("%s: did not stop in %.0fs; killing it", slot.name, timeout)
+                            slot.proc.kill()
+                    break
+                time.sleep(0.05)
+                if not kill:
+                    self.dispatch_signals()  # a second SIGTERM raises Halt after killing everyone
             for slot in group:
-                if slot.proc is None:
-                    continue
-                try:
-                    slot.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    log.error("%s: did not stop in %.0fs; killing it", slot.name, timeout)
-                    slot.proc.kill()
+                if slot.proc is not None:
                     slot.proc.wait()
                 self.m.up.labels(slot.name).set(0)
         self.write_state()

@@ -101,3 +101,58 @@ def test_malformed_flood_is_quarantined_while_trades_keep_settling(tmp_path: Pat
     assert (tmp_path / "run" / "supervisor.json").exists()
     state = json.loads((tmp_path / "run" / "supervisor.json").read_text())
     assert all(slot["restarts"] == 0 for slot in state["slots"].values())  # nothing crashed
+
+
+def test_sigterm_stops_in_order_and_leaves_nothing_pending(tmp_path: Path) -> None:
+    import signal as sig
+
+    from engine.status import gather
+    from engine.testbed import System as _System
+
+    system: _System = System(tmp_path, shards=2)
+    try:
+        system.start_engine()
+        system.start_sim(60_000, rate=10_000)
+        system.wait_settled(5_000, at_least=True)
+        assert system.engine is not None
+        system.engine.send_signal(sig.SIGTERM)
+        assert system.engine.wait(90) == 0
+        import asyncio
+
+        status = asyncio.run(gather(system.config))
+        assert sum(r["pending"] for s in status["shards"] for r in s["symbols"]) == 0  # drained and flushed
+        report = system.check(expect_complete=False)
+        assert report.ok, report.format()
+        # Started again, it finishes the stream (what arrived after intake stopped is replayed).
+        system.start_engine()
+        system.wait_settled()
+    finally:
+        system.stop()
+    assert_exact(system)
+
+
+def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    import os
+    import signal as sig
+
+    # A drain timeout far longer than the test: only the second SIGTERM can end the supervisor in time.
+    system = System(tmp_path, shards=2, overrides={"supervisor.drain_timeout_s": 3600.0})
+    try:
+        system.start_engine()
+        system.start_sim(30_000, rate=5_000)
+        system.wait_settled(2_000, at_least=True)
+        stuck = system.kill("shard-0", sig.SIGSTOP)  # it cannot drain: a first SIGTERM would wait for it
+        assert system.engine is not None
+        system.engine.send_signal(sig.SIGTERM)
+        time.sleep(1.0)
+        assert system.engine.poll() is None  # still waiting for the stuck shard
+        system.engine.send_signal(sig.SIGTERM)
+        assert system.engine.wait(120) == 1
+        if os.path.exists(f"/proc/{stuck}"):
+            with open(f"/proc/{stuck}/status") as f:
+                assert "zombie" in f.read()  # killed, not left behind
+        system.start_engine()
+        system.wait_settled()
+    finally:
+        system.stop()
+    assert_exact(system)
