@@ -32,7 +32,15 @@ import zmq.asyncio
 from engine import metrics as metricsmod
 from engine.child import Lifeline, child_args, load_child_config, setup_logging
 from engine.config import Config
-from engine.errors import EXIT_WAL_CORRUPT, ReplayError, SettleError, WalCorruption, WalError
+from engine.errors import (
+    EXIT_CONFIG,
+    EXIT_WAL_CORRUPT,
+    ConfigError,
+    ReplayError,
+    SettleError,
+    WalCorruption,
+    WalError,
+)
 from engine.messages import Heartbeat, Trade, check_trade, stream_decoder
 from engine.placement import shard_for
 from engine.progress import Progress
@@ -447,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     except WalCorruption as e:
         log.error("%s", e)
         return EXIT_WAL_CORRUPT
+    except ConfigError as e:
+        log.error("shard %d: configuration error: %s", args.shard, e)
+        return EXIT_CONFIG
     except SettleError as e:
         log.error("shard %d stopped: %s", args.shard, e)
         print(f"settle shard {args.shard}: {e}", file=sys.stderr)
