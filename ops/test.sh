@@ -13,4 +13,4 @@ bash ops/cassandra/cassandra.sh fetch
 
 workers="${SETTLE_TEST_WORKERS:-4}"
 if [ "$#" -eq 0 ]; then set -- tests; fi
-exec python3 -m pytest -n "$workers" --durations=15 "$@"
+exec python3 -m pytest -n "$workers" --dist loadgroup --durations=15 "$@"
