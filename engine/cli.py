@@ -77,6 +77,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _run_async(status(config, as_json=args.json))
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from engine.top import top
+
+    return top(_load(args), once=args.once, interval_s=args.interval)
+
+
 def cmd_balances(args: argparse.Namespace) -> int:
     from engine.store import open_store
 
@@ -189,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="live view of every process's metrics: per shard ready, trades/s, lag, "
+                       "gaps, WAL, fsync and store p99; the router and the supervisor")
+    _config_args(p)
+    p.add_argument("--once", action="store_true", help="print one frame (two scrapes --interval apart) and exit")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="redraw every SECONDS (default 1)")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("balances", help="an account's balances, from the configured store")
     _config_args(p)

@@ -6,8 +6,13 @@ Label cardinality is bounded: ``shard`` (one per process), ``symbol`` (the symbo
 known up front is created at zero, so ``rate()`` and ``increase()`` see the first event and every
 dashboard query has a series to show from the first scrape.
 
+Events that happen once per trade (received, duplicate, settle lag, the router's fan-out) are counted by
+:class:`HotCounter` and :class:`HotHistogram`: one writing thread (the process's event loop), no lock, read
+by the scrape thread through a collector; about 5x cheaper than prometheus_client's locked values. The rest
+use prometheus_client's families.
+
 ``new_registry(enabled=False)`` turns metrics off for real: the families become no-ops (nothing counted,
-nothing observed) with the same attributes and types, so call sites do not change.
+nothing observed, nothing served) with the same attributes and types, so call sites do not change.
 
 What the shard publishes and where (``shards/shard.py``):
 
@@ -25,7 +30,9 @@ What the shard publishes and where (``shards/shard.py``):
 
 from __future__ import annotations
 
+import math
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
@@ -40,8 +47,9 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                      30.0)
@@ -113,12 +121,127 @@ class _OffHistogram(Histogram):
         pass
 
 
+# ------------------------------------------------------------------------------- hot-path families
+
+
+class HotCounter:
+    """A counter for one writing thread (the process's event loop), for per-trade events.
+
+    prometheus_client takes a lock on every ``inc``; this adds to a float (about 5x cheaper). The scrape
+    thread only reads it. ``_value.get()`` reads like a prometheus_client child's, for tests.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def get(self) -> float:
+        return self.value
+
+    @property
+    def _value(self) -> HotCounter:
+        return self
+
+
+class HotHistogram:
+    """A histogram for one writing thread, for per-trade observations: a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _OffHotCounter(HotCounter):
+    __slots__ = ()
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+
+class _OffHotHistogram(HotHistogram):
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+class HotCounterFamily:
+    """Labelled :class:`HotCounter` children, created at first use (or up front, to start at zero)."""
+
+    def __init__(self, name: str, doc: str, labelnames: Iterable[str], off: bool = False) -> None:
+        self.name = name.removesuffix("_total")
+        self.doc = doc
+        self.labelnames = list(labelnames)
+        self.children: dict[tuple[str, ...], HotCounter] = {}
+        self._off = off
+
+    def labels(self, *values: str) -> HotCounter:
+        child = self.children.get(values)
+        if child is None:
+            assert len(values) == len(self.labelnames), (self.name, values)
+            child = self.children[values] = _OffHotCounter() if self._off else HotCounter()
+        return child
+
+
+class _HotCollector(Collector):
+    """Exposes the hot-path families of one registry at scrape time."""
+
+    def __init__(self) -> None:
+        self.counters: list[HotCounterFamily] = []
+        self.histograms: list[tuple[str, str, list[str], list[str], HotHistogram]] = []
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.counters:
+            counter = CounterMetricFamily(family.name, family.doc, labels=family.labelnames)
+            for values, child in list(family.children.items()):
+                counter.add_metric(list(values), child.value)
+            yield counter
+        for name, doc, labelnames, labelvalues, hist in self.histograms:
+            out = HistogramMetricFamily(name, doc, labels=labelnames)
+            counts = list(hist.counts)  # one copy: buckets consistent with each other
+            cumulative, buckets = 0, list[tuple[str, float]]()
+            for bound, count in zip((*hist.bounds, math.inf), counts, strict=True):
+                cumulative += count
+                buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+            out.add_metric(labelvalues, buckets, hist.sum)
+            yield out
+
+
 class _Families:
     """Builds families on a registry, or no-op ones when the registry is disabled."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.off = isinstance(registry, _DisabledRegistry)
+        self._hot: _HotCollector | None = None
+
+    def _hot_collector(self) -> _HotCollector:
+        if self._hot is None:
+            self._hot = _HotCollector()
+            self.collector(self._hot)
+        return self._hot
+
+    def hot_counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> HotCounterFamily:
+        family = HotCounterFamily(name, doc, labels, off=self.off)
+        self._hot_collector().counters.append(family)
+        return family
+
+    def hot_histogram(self, name: str, doc: str, labels: dict[str, str], buckets: Iterable[float]) -> HotHistogram:
+        bounds = tuple(sorted(float(b) for b in buckets))
+        hist = _OffHotHistogram(bounds) if self.off else HotHistogram(bounds)
+        self._hot_collector().histograms.append((name, doc, list(labels), list(labels.values()), hist))
+        return hist
 
     def counter(self, name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
         if self.off:
@@ -187,9 +310,12 @@ class ShardMetrics:
         def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
             return f.histogram(name, doc, by_shard, buckets).labels(s)
 
-        self.received = counter("settle_trades_received_total", "Trades received from the router")
+        # Per-trade events are counted by the hot-path families; the rest by prometheus_client's.
+        self.received = f.hot_counter("settle_trades_received_total", "Trades received from the router",
+                                      by_shard).labels(s)
         self.settled = counter("settle_trades_settled_total", "Trades the store acknowledged")
-        self.duplicates = counter("settle_trades_duplicate_total", "Trades at or below the accepted sequence")
+        self.duplicates = f.hot_counter("settle_trades_duplicate_total", "Trades at or below the accepted sequence",
+                                        by_shard).labels(s)
         self.quarantined = f.counter("settle_quarantined_total", "Messages quarantined, by reason",
                                      ["process", "reason"])
         for reason in SHARD_QUARANTINE_REASONS:
@@ -199,8 +325,8 @@ class ShardMetrics:
         self.me_latest = f.gauge("settle_me_latest_seq",
                                  "The ME's latest sequence per symbol, from heartbeats and trades",
                                  ["shard", "symbol"])
-        self.settle_lag = histogram("settle_lag_seconds", "ME execution time to store commit, per trade",
-                                    LATENCY_BUCKETS_S)
+        self.settle_lag = f.hot_histogram("settle_lag_seconds", "ME execution time to store commit, per trade",
+                                          {"shard": s}, LATENCY_BUCKETS_S)
         self.fsync = histogram("settle_wal_fsync_seconds", "WAL group commit: write and fdatasync",
                                FSYNC_BUCKETS_S)
         self.group_commit = histogram("settle_wal_group_commit_trades", "Trades per WAL group commit",
@@ -241,7 +367,7 @@ class RouterMetrics:
         f = _Families(registry)
         self.received = f.counter("settle_router_received_total", "Messages received from the ME")
         by_shard = ["shard"]
-        self.forwarded = f.counter("settle_router_forwarded_total", "Messages forwarded, per shard", by_shard)
+        self.forwarded = f.hot_counter("settle_router_forwarded_total", "Messages forwarded, per shard", by_shard)
         self.dropped = f.counter("settle_router_dropped_total",
                                  "Messages dropped because a shard's queue was full (replay refills)",
                                  by_shard)

@@ -73,13 +73,14 @@ class Supervisor:
         self.config = config
         self.config_json = config_json
         self.log_dir = log_dir
-        self.registry = metricsmod.new_registry()
+        self.registry = metricsmod.new_registry(config.metrics.enabled)
         self.m = metricsmod.SupervisorMetrics(self.registry)
         py = sys.executable
         common = ["--config-json", str(config_json)]
         self.shards = [Slot(f"shard-{i}", [py, "-m", "shards", *common, "--shard", str(i)])
                        for i in range(config.shard_count)]
         self.router = Slot("router", [py, "-m", "router", *common])
+        self.m.init_slots(slot.name for slot in self.slots)
         self.sel = selectors.DefaultSelector()
         self.signals: deque[int] = deque()
         self.stopping = False

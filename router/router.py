@@ -46,7 +46,7 @@ class Router:
         self.config = config
         self.shards = config.shard_count
         self.lifeline = lifeline or Lifeline(None)
-        self.registry = metricsmod.new_registry()
+        self.registry = metricsmod.new_registry(config.metrics.enabled)
         self.m = metricsmod.RouterMetrics(self.registry)
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)

@@ -66,8 +66,8 @@ class Shard:
         self.config = config
         self.shard = shard
         self.lifeline = lifeline or Lifeline(None)
-        self.registry = metricsmod.new_registry()
-        self.m = metricsmod.ShardMetrics(self.registry, shard)
+        self.registry = metricsmod.new_registry(config.metrics.enabled)
+        self.m = metricsmod.ShardMetrics(self.registry, shard, wal_dir=config.wal_path(shard))
         self.seq = Sequencer(config.wal.gap_buffer_max)
         self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
@@ -89,6 +89,8 @@ class Shard:
         """Open the store and the WAL, re-settle every WAL record above the store's watermark."""
         cfg = self.config
         self.store = await self._retry("connect to the store", lambda: open_store(cfg.store))
+        store = self.store
+        self.m.track_store_requests(lambda: float(getattr(store, "requests_in_flight", 0)))
         self.settler = Settler(self.store, cfg.engine.fee_account)
         self.wal = await self._open_wal()
         report = self.wal.recover(repair_corruption=repair_corruption,
@@ -313,7 +315,6 @@ class Shard:
         if shard_for(hb.symbol, self.config.shard_count) != self.shard:
             return
         self.seq.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
-        self.m.me_latest.labels(str(self.shard), hb.symbol).set(hb.seq)
 
     async def _group_commit(self) -> None:
         """Write and fdatasync every dirty WAL, then hand the trades to the settle stage."""
@@ -409,10 +410,14 @@ class Shard:
         shard = str(self.shard)
         for symbol, st in self.seq.symbols.items():
             self.m.watermark.labels(shard, symbol).set(st.settled)
+            self.m.me_latest.labels(shard, symbol).set(max(st.me_latest, st.settled))
         stats = self.wal.stats()
         self.m.wal_bytes.set(sum(s.bytes for s in stats.values()))
         self.m.wal_segments.set(sum(s.segments for s in stats.values()))
-        self.m.gaps_open.set(len(self.seq.open_gaps()))
+        gaps = self.seq.open_gaps()
+        now_ns = time.monotonic_ns()
+        self.m.gaps_open.set(len(gaps))
+        self.m.gap_oldest.set(max(((now_ns - st.gap_since_ns) / 1e9 for st in gaps if st.gap_since_ns), default=0.0))
         self.m.gap_held.set(self.seq.held_total)
 
     async def close(self) -> None:

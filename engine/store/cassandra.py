@@ -265,6 +265,11 @@ class CassandraStore:
         )
         return cls(config, cluster, session, statements)
 
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests holding one of the ``requests_in_flight_max`` slots now (the shard's metrics read it)."""
+        return self._config.requests_in_flight_max - self._in_flight._value
+
     def __repr__(self) -> str:
         state = "closed" if self._session is None else "open"
         return f"CassandraStore({self._where}, {state})"

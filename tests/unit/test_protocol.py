@@ -88,6 +88,7 @@ CLI = {
     "sim": [],
     "recover": ["--config", "--set", "--shard", "--from-store", "--repair-corruption", "--help"],
     "status": ["--config", "--set", "--json", "--help"],
+    "top": ["--config", "--set", "--once", "--interval", "--help"],
     "balances": ["--config", "--set", "--json", "--help"],
     "db": ["--help"],
     "check": ["--config", "--set", "--log", "--partial", "--help"],
