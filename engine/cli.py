@@ -43,10 +43,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine import supervisor
     from engine.child import setup_logging
 
+    if args.source:
+        args.set.append(f'engine.source="{args.source}"')
     config = _load(args)
     setup_logging("supervisor")
-    print(f"settle: {config.shard_count} shards, store {config.store.kind}, data in {config.data_path}, "
-          f"ME {config.me.publish}", file=sys.stderr)
+    print(f"settle: {config.shard_count} shards, source {config.engine.source}, store {config.store.kind}, "
+          f"data in {config.data_path}, ME {config.me.publish}", file=sys.stderr)
     return supervisor.run(config, Path(args.log_dir) if args.log_dir else None)
 
 
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the engine: supervisor, router and shards")
     _config_args(p)
     p.add_argument("--log-dir", help="write each child's log to DIR/<slot>.log instead of stderr")
+    p.add_argument("--source", choices=["zmq", "kafka"],
+                   help="where trades come from (engine.source): the ME's ZMQ stream (default) or Kafka")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="simulator + engine on the embedded store, then verify every trade")
@@ -181,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("sim_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sim)
+    sub.add_parser("bridge", help="Kafka mode: the ME's ZMQ stream into the topic (see `settle bridge --help`)",
+                   add_help=False)
 
     p = sub.add_parser("recover", help="offline: repair a shard's WAL and re-settle its pending records")
     _config_args(p)
@@ -229,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine import mesim
 
         return mesim.main(argv[1:])
+    if argv[:1] == ["bridge"]:  # so does the Kafka bridge
+        from engine import bridge
+
+        return bridge.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

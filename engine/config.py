@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from engine.errors import ConfigError
+from engine.kafka_config import KafkaConfig
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -26,6 +27,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     shards: PositiveInt | Literal["auto"] = "auto"
     data_dir: str = "var"  # WALs, ipc sockets, quarantine files, logs; relative to the working directory
     fee_account: Annotated[int, msgspec.Meta(ge=0)] = 0
+    source: Literal["zmq", "kafka"] = "zmq"  # zmq: router + WAL shards; kafka: consumer-group shards (docs/kafka.md)
 
 
 class MEConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -106,6 +108,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    kafka: KafkaConfig = KafkaConfig()
 
     @property
     def shard_count(self) -> int:

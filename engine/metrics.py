@@ -218,7 +218,7 @@ class _HotCollector(Collector):
             yield out
 
 
-class _Families:
+class Families:
     """Builds families on a registry, or no-op ones when the registry is disabled."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -298,7 +298,7 @@ class _WalDiskCollector(Collector):
 class ShardMetrics:
     def __init__(self, registry: CollectorRegistry, shard: int, *, wal_dir: str | Path | None = None) -> None:
         s = str(shard)
-        f = _Families(registry)
+        f = Families(registry)
         by_shard = ["shard"]
 
         def counter(name: str, doc: str) -> Counter:
@@ -364,7 +364,7 @@ class ShardMetrics:
 
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        f = _Families(registry)
+        f = Families(registry)
         self.received = f.counter("settle_router_received_total", "Messages received from the ME")
         by_shard = ["shard"]
         self.forwarded = f.hot_counter("settle_router_forwarded_total", "Messages forwarded, per shard", by_shard)
@@ -380,7 +380,7 @@ class RouterMetrics:
 
 class SupervisorMetrics:
     def __init__(self, registry: CollectorRegistry, slots: Iterable[str] = ()) -> None:
-        f = _Families(registry)
+        f = Families(registry)
         self.restarts = f.counter("settle_supervisor_restarts_total", "Child restarts, by slot and reason",
                                   ["slot", "reason"])
         self.up = f.gauge("settle_supervisor_child_up", "1 when the slot's process is running and ready",

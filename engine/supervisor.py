@@ -77,9 +77,14 @@ class Supervisor:
         self.m = metricsmod.SupervisorMetrics(self.registry)
         py = sys.executable
         common = ["--config-json", str(config_json)]
-        self.shards = [Slot(f"shard-{i}", [py, "-m", "shards", *common, "--shard", str(i)])
+        kafka = config.engine.source == "kafka"
+        shard_module = "shards.kafka_shard" if kafka else "shards"
+        self.shards = [Slot(f"shard-{i}", [py, "-m", shard_module, *common, "--shard", str(i)])
                        for i in range(config.shard_count)]
-        self.router = Slot("router", [py, "-m", "router", *common])
+        # Intake: the router (ZMQ mode), or the ZMQ-to-Kafka bridge (Kafka mode, when this box runs it).
+        self.intake: Slot | None = Slot("router", [py, "-m", "router", *common])
+        if kafka:
+            self.intake = Slot("bridge", [py, "-m", "engine.bridge", *common]) if config.kafka.run_bridge else None
         self.m.init_slots(slot.name for slot in self.slots)
         self.sel = selectors.DefaultSelector()
         self.signals: deque[int] = deque()
@@ -91,7 +96,7 @@ class Supervisor:
 
     @property
     def slots(self) -> list[Slot]:
-        return [*self.shards, self.router]
+        return [*self.shards, *([self.intake] if self.intake else [])]
 
     # ---------------------------------------------------------------- signals
 
@@ -261,10 +266,10 @@ class Supervisor:
             for slot in self.shards:
                 self.spawn(slot)
             self.wait_ready(self.shards)
-            if not self.stopping:
-                self.spawn(self.router)
-                self.wait_ready([self.router])
-            log.info("engine up: %d shards and the router", len(self.shards))
+            if not self.stopping and self.intake is not None:
+                self.spawn(self.intake)
+                self.wait_ready([self.intake])
+            log.info("engine up: %d shards%s", len(self.shards), f" and the {self.intake.name}" if self.intake else "")
             while not self.stopping:
                 self.poll_once()
                 self.reap()
@@ -277,13 +282,13 @@ class Supervisor:
             return halt.code
 
     def stop_children(self, kill: bool = False) -> None:
-        """Router first (stop intake), then the shards (drain, fsync, flush, close).
+        """Intake first (router or bridge), then the shards (drain, fsync, flush, close).
 
         Waits in short steps so that a second SIGTERM is handled at once: it kills every child.
         """
         self.stopping = True
         timeout = self.config.supervisor.drain_timeout_s + 5
-        for group in ([self.router], self.shards):
+        for group in ([self.intake] if self.intake else [], self.shards):
             for slot in group:
                 if slot.proc and slot.proc.poll() is None:
                     if kill:

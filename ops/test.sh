@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 bash ops/install.sh
 
-# Fetch the Cassandra jars once (cached under .cache/), so the test session only starts the server.
+# Fetch the Cassandra and Kafka jars once (cached under .cache/), so the test session only starts servers.
 bash ops/cassandra/cassandra.sh fetch
+bash ops/kafka/kafka.sh fetch
 
 workers="${SETTLE_TEST_WORKERS:-4}"
 if [ "$#" -eq 0 ]; then set -- tests; fi

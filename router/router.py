@@ -41,6 +41,25 @@ def classify(error: msgspec.DecodeError) -> str:
     return "malformed"
 
 
+def validate(frame: bytes, decoder: msgspec.msgpack.Decoder[StreamMessage],
+             quarantine: Quarantine) -> StreamMessage | None:
+    """Every check a frame from the ME gets (router and Kafka bridge): the message, or None once quarantined."""
+    if len(frame) > FRAME_BYTES_MAX:
+        quarantine.put("oversize", f"frame of {len(frame)} bytes exceeds {FRAME_BYTES_MAX}", frame)
+        return None
+    try:
+        msg = decoder.decode(frame)
+    except msgspec.DecodeError as e:
+        quarantine.put(classify(e), str(e), frame)
+        return None
+    if not isinstance(msg, Heartbeat):
+        reason = check_trade(msg)
+        if reason is not None:
+            quarantine.put("unsound", reason, frame)
+            return None
+    return msg
+
+
 class Router:
     def __init__(self, config: Config, lifeline: Lifeline | None = None) -> None:
         self.config = config
@@ -75,20 +94,9 @@ class Router:
         return shard
 
     def route(self, frame: bytes, decoder: msgspec.msgpack.Decoder[StreamMessage]) -> None:
-        if len(frame) > FRAME_BYTES_MAX:
-            self.quarantine.put("oversize", f"frame of {len(frame)} bytes exceeds {FRAME_BYTES_MAX}", frame)
-            return
-        try:
-            msg = decoder.decode(frame)
-        except msgspec.DecodeError as e:
-            self.quarantine.put(classify(e), str(e), frame)
-            return
-        if not isinstance(msg, Heartbeat):
-            reason = check_trade(msg)
-            if reason is not None:
-                self.quarantine.put("unsound", reason, frame)
-                return
-        self.send(self.shard_of(msg.symbol), frame)
+        msg = validate(frame, decoder, self.quarantine)
+        if msg is not None:
+            self.send(self.shard_of(msg.symbol), frame)
 
     def send(self, shard: int, frame: bytes) -> None:
         queue = self.queues[shard]

@@ -16,7 +16,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
+
+from prometheus_client import Counter
 
 import msgspec
 import zmq
@@ -33,7 +35,6 @@ from engine.messages import (
     encoder,
     replay_reply_decoder,
 )
-from engine.metrics import ShardMetrics
 from shards.state import Sequencer
 
 REQUEST_TRADES_MAX: Final = 10_000
@@ -44,6 +45,17 @@ BACKOFF_S_MAX: Final = 5.0
 TICK_S: Final = 0.05
 
 log = logging.getLogger("settle.gaps")
+
+
+class ReplayMetrics(Protocol):
+    """What the filler counts in: the shard's metrics, or the Kafka bridge's."""
+
+    @property
+    def replay_requests(self) -> Any: ...
+    @property
+    def replayed(self) -> Any: ...
+    @property
+    def replay_rejected(self) -> Counter: ...
 
 
 @dataclass(slots=True)
@@ -62,7 +74,7 @@ class _Backoff:
 
 
 class GapFiller:
-    def __init__(self, config: Config, shard: int, sequencer: Sequencer, m: ShardMetrics,
+    def __init__(self, config: Config, shard: int | str, sequencer: Sequencer, m: ReplayMetrics,
                  deliver: Callable[[list[Trade]], None]) -> None:
         self._config = config
         self._shard = shard
@@ -152,7 +164,7 @@ class GapFiller:
         backoff = self._backoff.setdefault(symbol, _Backoff())
         backoff.delay_s = min(max(BACKOFF_S_MIN, backoff.delay_s * 2), BACKOFF_S_MAX)
         backoff.not_before = time.monotonic() + backoff.delay_s
-        log.warning("shard %d: replay for %s failed (%s); retrying in %.1fs", self._shard, symbol, reason,
+        log.warning("shard %s: replay for %s failed (%s); retrying in %.1fs", self._shard, symbol, reason,
                     backoff.delay_s)
 
     # ---------------------------------------------------------------- replies
@@ -165,7 +177,7 @@ class GapFiller:
                 reply = decoder.decode(frame)
             except msgspec.DecodeError as e:
                 self._m.replay_rejected.labels(str(self._shard), "malformed").inc()
-                log.warning("shard %d: malformed replay reply dropped: %s", self._shard, e)
+                log.warning("shard %s: malformed replay reply dropped: %s", self._shard, e)
                 continue
             request = self._requests.get(reply.request_id)
             if request is None:
@@ -199,7 +211,7 @@ class GapFiller:
                     self._finish(request)
                     if code == "unknown_symbol":
                         self.tail_wanted.discard(request.symbol)
-                    log.error("shard %d: the ME refused a replay of %s: %s (%s)", self._shard, request.symbol,
+                    log.error("shard %s: the ME refused a replay of %s: %s (%s)", self._shard, request.symbol,
                               message, code)
                     self._fail(request.symbol, code)
 

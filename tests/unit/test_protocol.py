@@ -82,10 +82,11 @@ def test_cli_surface_is_pinned() -> None:
 
 
 CLI = {
-    "run": ["--config", "--set", "--log-dir", "--help"],
+    "run": ["--config", "--set", "--log-dir", "--source", "--help"],
     "demo": ["--trades", "--shards", "--rate", "--symbols", "--accounts", "--seed", "--data-dir", "--store",
              "--config", "--set", "--timeout", "--help"],
     "sim": [],
+    "bridge": [],
     "recover": ["--config", "--set", "--shard", "--from-store", "--repair-corruption", "--help"],
     "status": ["--config", "--set", "--json", "--help"],
     "top": ["--config", "--set", "--once", "--interval", "--help"],

@@ -1,0 +1,478 @@
+#!/usr/bin/env bash
+# Run a real single-node Apache Kafka 4.x (KRaft: combined broker + controller) on 127.0.0.1 for tests
+# and local runs, without Docker and without the Kafka tarball: the jars come from Maven Central.
+#
+#   kafka.sh fetch
+#   kafka.sh start DATA_DIR [--port P] [--controller-port P]
+#   kafka.sh stop DATA_DIR
+#   kafka.sh status DATA_DIR
+#
+# What it took (verified with 4.4.0 on OpenJDK 17):
+# - Jars: `mvn dependency:copy-dependencies` of org.apache.kafka:kafka_2.13 gives the broker's runtime
+#   classpath (about 45 jars, 43 MB) with log4j-core but no SLF4J binding: log4j-slf4j2-impl (and the
+#   slf4j-api 2.0 it needs, declared directly so it wins over kafka's 1.7.36) routes the broker's
+#   logging to log4j2, configured by DATA_DIR/conf/log4j2.properties.
+# - KRaft, one JVM: process.roles=broker,controller, node.id=1 and a *static* quorum
+#   (controller.quorum.voters=1@127.0.0.1:CONTROLLER_PORT), storage formatted once with
+#   `kafka.tools.StorageTool format --cluster-id ID` (no --standalone: that one writes the controller's
+#   endpoint into the metadata log, a static voter set is read from the config on every start, so a
+#   restart on another port still works). A formatted data dir (meta.properties) is not formatted again.
+# - Small and quick: -Xmx512m, replication factor 1 for every internal topic,
+#   offsets.topic.num.partitions=8 (not 50), group.initial.rebalance.delay.ms=0
+#   (the first consumer group forms at once, not after 3 s), group.min.session.timeout.ms=1000 so tests
+#   may use short consumer session timeouts, broker.session.timeout.ms=2000 (after a SIGKILL the
+#   restarted broker is refused with DUPLICATE_BROKER_REGISTRATION until its old session expires: 9 s by
+#   default), auto.create.topics.enable=false (settle creates its topic with the partition count it needs).
+# - Durability: acks=all on one replica is acknowledged once the record is in the broker's page cache;
+#   it survives SIGKILL of the JVM (the page cache is the kernel's), not a power cut. Production runs
+#   three brokers, replication.factor=3, min.insync.replicas=2.
+# - Ports: an explicit flag wins; otherwise the ports saved in DATA_DIR/ports by the previous start on
+#   that data dir are reused when still free (clients keep the address they know); otherwise free ports.
+#
+# Environment:
+#   SETTLE_CACHE           cache root (default <repo>/.cache); jars go to $SETTLE_CACHE/kafka/lib
+#   KAFKA_VERSION          kafka_2.13 version (default: first of 4.4.0 4.3.1 4.2.0 4.1.1 4.0.2 that resolves)
+#   KAFKA_HEAP             -Xmx (default 512m; -Xms is 64m)
+#   KAFKA_START_TIMEOUT    seconds to wait until the broker answers (default 120)
+#   KAFKA_STOP_TIMEOUT     seconds between SIGTERM and SIGKILL (default 30)
+#   KAFKA_JVM_OPTS         extra JVM options, appended (word-split)
+#   JAVA / JAVA_HOME, PYTHON  binaries to use (the readiness check needs confluent-kafka in that python)
+# Files in DATA_DIR: conf/server.properties, conf/log4j2.properties (generated each start), data/ (the
+# log dirs; meta.properties once formatted), cluster.id, logs/server.log, logs/stdout.log, kafka.pid,
+# kafka.port, ports ("broker controller").
+# Exit codes: 0 ok, 1 failure (start prints the log tail), 2 usage, 3 status: not running.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+CACHE_DIR="${SETTLE_CACHE:-$REPO_ROOT/.cache}/kafka"
+LIB_DIR="$CACHE_DIR/lib"
+MARKER="$LIB_DIR/.complete"
+CANDIDATE_VERSIONS="${KAFKA_VERSION:-4.4.0 4.3.1 4.2.0 4.1.1 4.0.2}"
+LOG4J_VERSION=2.25.5
+SLF4J_VERSION=2.0.17
+HOST=127.0.0.1
+PYTHON="${PYTHON:-python3}"
+if [[ -n "${JAVA:-}" ]]; then
+    :
+elif [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
+    JAVA="$JAVA_HOME/bin/java"
+else
+    JAVA=java
+fi
+
+die() { echo "kafka.sh: $*" >&2; exit 1; }
+log() { echo "kafka.sh: $*" >&2; }
+
+usage() {
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+# ---------------------------------------------------------------------------------------------- fetch
+
+write_pom() {  # $1 = dir, $2 = version
+    cat >"$1/pom.xml" <<EOF
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>settle.ops</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>$2</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j2-impl</artifactId>
+      <version>$LOG4J_VERSION</version>
+    </dependency>
+    <dependency>
+      <groupId>org.slf4j</groupId>
+      <artifactId>slf4j-api</artifactId>
+      <version>$SLF4J_VERSION</version>
+    </dependency>
+  </dependencies>
+</project>
+EOF
+}
+
+fetched() {
+    [[ -f "$MARKER" ]] && [[ -z "${KAFKA_VERSION:-}" || "$(cat "$MARKER")" == "$KAFKA_VERSION" ]]
+}
+
+fetch_locked() {
+    if fetched; then
+        return 0
+    fi
+    command -v mvn >/dev/null || die "fetch: mvn (Maven) is not on PATH"
+    local build="$CACHE_DIR/fetch" tmp_lib="$CACHE_DIR/lib.tmp" version started=$SECONDS
+    mkdir -p "$build"
+    for version in $CANDIDATE_VERSIONS; do
+        rm -rf "$tmp_lib"
+        write_pom "$build" "$version"
+        log "fetch: resolving org.apache.kafka:kafka_2.13:$version and its runtime dependencies"
+        if mvn -B -q -f "$build/pom.xml" dependency:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$tmp_lib" >"$build/mvn.log" 2>&1; then
+            if [[ -f "$tmp_lib/kafka_2.13-$version.jar" ]]; then
+                echo "$version" >"$tmp_lib/.complete"
+                rm -rf "$LIB_DIR"
+                mv "$tmp_lib" "$LIB_DIR"
+                local jars=("$LIB_DIR"/*.jar)
+                log "fetch: kafka $version, ${#jars[@]} jars in $LIB_DIR ($((SECONDS - started)) s)"
+                return 0
+            fi
+        fi
+        log "fetch: kafka_2.13 $version did not resolve:"
+        grep -E 'ERROR|error:' "$build/mvn.log" | head -5 >&2 || tail -5 "$build/mvn.log" >&2
+    done
+    rm -rf "$tmp_lib"
+    die "fetch: none of [$CANDIDATE_VERSIONS] could be downloaded (full log: $build/mvn.log)"
+}
+
+cmd_fetch() {
+    mkdir -p "$CACHE_DIR"
+    if fetched; then
+        return 0
+    fi
+    # Several test workers may fetch at once: one downloads, the others wait for it.
+    exec 9>"$CACHE_DIR/.fetch.lock"
+    flock 9
+    fetch_locked
+    exec 9>&-
+}
+
+installed_version() { cat "$MARKER"; }
+
+# --------------------------------------------------------------------------------------------- helpers
+
+# Is PID a live Kafka JVM? A zombie counts as gone, and so does a recycled pid that is not kafka.Kafka.
+alive() {
+    local pid="$1" state cmdline
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    state="$(ps -o stat= -p "$pid" 2>/dev/null || true)"
+    [[ -n "$state" && "$state" != Z* ]] || return 1
+    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+    [[ "$cmdline" == *kafka.Kafka* ]]
+}
+
+read_pid() {
+    if [[ -f "$1/kafka.pid" ]]; then cat "$1/kafka.pid"; fi
+}
+
+port_free() {  # can we listen on 127.0.0.1:$1 ? (SO_REUSEADDR like the JVM: TIME_WAIT is no obstacle)
+    "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+finally:
+    s.close()
+EOF
+}
+
+free_ports() {  # print N distinct free ports
+    "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+for s in socks:
+    s.close()
+EOF
+}
+
+log_tail() {
+    local dir="$1"
+    for f in "$dir/logs/server.log" "$dir/logs/stdout.log"; do
+        if [[ -s "$f" ]]; then
+            echo "----- last lines of $f -----" >&2
+            tail -n 40 "$f" >&2
+        fi
+    done
+}
+
+# ---------------------------------------------------------------------------------------------- config
+
+write_properties() {  # $1 data dir, $2 broker port, $3 controller port
+    local d="$1"
+    cat >"$d/conf/server.properties" <<EOF
+# Generated by ops/kafka/kafka.sh: one KRaft node (broker + controller) on $HOST, for tests and local runs.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$3
+listeners=PLAINTEXT://$HOST:$2,CONTROLLER://$HOST:$3
+advertised.listeners=PLAINTEXT://$HOST:$2
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$d/data
+
+# One node: every internal topic has one replica.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+min.insync.replicas=1
+default.replication.factor=1
+num.partitions=1
+auto.create.topics.enable=false
+
+# Consumer groups form at once; tests may use short session timeouts. A broker restarted after SIGKILL
+# registers again once its previous session expired: 2 s instead of 9 s.
+broker.session.timeout.ms=2000
+broker.heartbeat.interval.ms=500
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+group.consumer.min.session.timeout.ms=1000
+group.consumer.min.heartbeat.interval.ms=500
+
+# Small and quiet: a test broker, not a production one.
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+background.threads=4
+log.retention.hours=24
+log.segment.bytes=67108864
+log.retention.check.interval.ms=300000
+EOF
+}
+
+write_log4j2() {  # $1 data dir
+    cat >"$1/conf/log4j2.properties" <<EOF
+# Generated by ops/kafka/kafka.sh
+status = error
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = $1/logs/server.log
+appender.file.filePattern = $1/logs/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = WARN
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.server.name = org.apache.kafka.server
+logger.server.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.controller.name = kafka.controller
+logger.controller.level = WARN
+logger.log.name = kafka.log
+logger.log.level = WARN
+logger.cluster.name = kafka.cluster
+logger.cluster.level = WARN
+EOF
+}
+
+JVM_OPTS=(
+    -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35
+    -XX:+ExplicitGCInvokesConcurrent -XX:+ExitOnOutOfMemoryError
+    -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true
+    -Xshare:auto -XX:+PerfDisableSharedMem
+)
+
+# ----------------------------------------------------------------------------------------------- start
+
+wait_for_broker() {  # $1 pid, $2 port, $3 timeout seconds
+    "$PYTHON" - "$1" "$2" "$3" <<'EOF'
+import sys, time
+pid, port, timeout = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+try:
+    from confluent_kafka.admin import AdminClient
+except ImportError:
+    sys.exit("confluent-kafka is not installed: pip install confluent-kafka")
+
+def alive():
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0,
+                     "logger": __import__("logging").getLogger("quiet")})
+deadline = time.monotonic() + timeout
+while time.monotonic() < deadline:
+    if not alive():
+        sys.exit(f"the Kafka JVM (pid {pid}) exited during start-up")
+    try:
+        md = admin.list_topics(timeout=1)
+        if md.brokers and md.controller_id >= 0:
+            cluster = admin.describe_cluster(request_timeout=2).result(timeout=3)
+            print(cluster.cluster_id)
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.1)
+sys.exit(f"the broker did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+EOF
+}
+
+cmd_start() {
+    [[ $# -ge 1 ]] || usage
+    local dir="$1"; shift
+    local port="" cport=""
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --port) port="$2"; shift 2 ;;
+            --controller-port) cport="$2"; shift 2 ;;
+            *) die "start: unknown option '$1' (expected --port, --controller-port)" ;;
+        esac
+    done
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd)"
+
+    local pid
+    pid="$(read_pid "$dir")"
+    if alive "$pid"; then
+        die "start: Kafka is already running on $dir (pid $pid, port $(cat "$dir/kafka.port" 2>/dev/null)); run '$0 stop $dir' first"
+    fi
+
+    cmd_fetch
+    local version
+    version="$(installed_version)"
+
+    # Ports: flag > the ports this data dir used last time (if still free) > fresh free ports.
+    local saved_port="" saved_cport=""
+    if [[ -f "$dir/ports" ]]; then
+        read -r saved_port saved_cport <"$dir/ports" || true
+    fi
+    local fresh
+    read -r -a fresh <<<"$(free_ports 2)"
+    pick() {  # $1 explicit, $2 saved, $3 fresh
+        if [[ -n "$1" ]]; then echo "$1"
+        elif [[ -n "$2" ]] && port_free "$2"; then echo "$2"
+        else echo "$3"; fi
+    }
+    port="$(pick "$port" "$saved_port" "${fresh[0]}")"
+    cport="$(pick "$cport" "$saved_cport" "${fresh[1]}")"
+    [[ "$port" != "$cport" ]] || die "start: broker and controller port are both $port"
+    # A JVM killed a moment ago may still be releasing its sockets: give a port we chose 10 s.
+    local p tries
+    for p in "$port" "$cport"; do
+        tries=0
+        until port_free "$p"; do
+            (( ++tries <= 100 )) || die "start: port $HOST:$p is already in use"
+            sleep 0.1
+        done
+    done
+
+    mkdir -p "$dir"/{conf,logs,data}
+    write_properties "$dir" "$port" "$cport"
+    write_log4j2 "$dir"
+    echo "$port $cport" >"$dir/ports"
+    echo "$port" >"$dir/kafka.port"
+    rm -f "$dir/kafka.pid"
+
+    local opts=(
+        -Xms64m "-Xmx${KAFKA_HEAP:-512m}"
+        "${JVM_OPTS[@]}"
+        "-Dlog4j2.configurationFile=file://$dir/conf/log4j2.properties"
+        "-Dkafka.logs.dir=$dir/logs"
+    )
+    # shellcheck disable=SC2206
+    opts+=(${KAFKA_JVM_OPTS:-})
+
+    local started
+    started="$(date +%s.%N)"
+    if [[ ! -f "$dir/data/meta.properties" ]]; then
+        local cluster_id
+        if [[ -s "$dir/cluster.id" ]]; then
+            cluster_id="$(cat "$dir/cluster.id")"
+        else
+            cluster_id="$("$PYTHON" -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+            echo "$cluster_id" >"$dir/cluster.id"
+        fi
+        if ! "$JAVA" "${opts[@]}" -cp "$LIB_DIR/*" kafka.tools.StorageTool format \
+            --config "$dir/conf/server.properties" --cluster-id "$cluster_id" \
+            >"$dir/logs/format.log" 2>&1; then
+            cat "$dir/logs/format.log" >&2
+            die "start: formatting the KRaft storage in $dir/data failed"
+        fi
+    fi
+
+    # setsid: the JVM gets its own session, so a Ctrl-C aimed at the caller does not reach it.
+    setsid "$JAVA" "${opts[@]}" -cp "$LIB_DIR/*" kafka.Kafka "$dir/conf/server.properties" \
+        </dev/null >"$dir/logs/stdout.log" 2>&1 &
+    pid=$!
+    echo "$pid" >"$dir/kafka.pid"
+
+    local cluster
+    if ! cluster="$(wait_for_broker "$pid" "$port" "${KAFKA_START_TIMEOUT:-120}")"; then
+        log "start: Kafka failed to start (data dir $dir)"
+        log_tail "$dir"
+        if alive "$pid"; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        exit 1
+    fi
+    local elapsed
+    elapsed="$("$PYTHON" -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" \
+        "$started" "$(date +%s.%N)")"
+    echo "kafka $version (cluster $cluster) pid $pid listening on $HOST:$port controller=$cport; ready in ${elapsed} s"
+}
+
+# ------------------------------------------------------------------------------------------ stop/status
+
+cmd_stop() {
+    [[ $# -eq 1 ]] || usage
+    local dir="$1" pid timeout="${KAFKA_STOP_TIMEOUT:-30}"
+    pid="$(read_pid "$dir")"
+    if ! alive "$pid"; then
+        echo "kafka not running (data dir $dir)"
+        rm -f "$dir/kafka.pid"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    local waited=0
+    while alive "$pid"; do
+        if (( waited >= timeout * 10 )); then
+            log "stop: pid $pid still alive after ${timeout} s, sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            waited=0
+            timeout=30
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    rm -f "$dir/kafka.pid"
+    echo "kafka stopped (pid $pid)"
+}
+
+cmd_status() {
+    [[ $# -eq 1 ]] || usage
+    local dir="$1" pid
+    pid="$(read_pid "$dir")"
+    if alive "$pid"; then
+        echo "kafka running: pid $pid, $HOST:$(cat "$dir/kafka.port" 2>/dev/null)"
+    else
+        echo "kafka not running (data dir $dir)"
+        return 3
+    fi
+}
+
+case "${1:-}" in
+    fetch) shift; cmd_fetch "$@"; echo "kafka jars $(installed_version) in $LIB_DIR" ;;
+    start) shift; cmd_start "$@" ;;
+    stop) shift; cmd_stop "$@" ;;
+    status) shift; cmd_status "$@" ;;
+    *) usage ;;
+esac
