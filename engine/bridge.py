@@ -130,8 +130,14 @@ def ensure_topic(kafka: KafkaConfig, admin: AdminClient) -> None:
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-        md = admin.list_topics(topic=kafka.topic, timeout=ADMIN_TIMEOUT_S)
-        topic = md.topics[kafka.topic]
+        # A topic just created can show no partitions (or an error) until its leaders are elected.
+        deadline = time.monotonic() + ADMIN_TIMEOUT_S
+        while True:
+            md = admin.list_topics(topic=kafka.topic, timeout=ADMIN_TIMEOUT_S)
+            topic = md.topics[kafka.topic]
+            if (topic.error is None and topic.partitions) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     count = len(topic.partitions)
     if count != kafka.partitions:
         raise ConfigError(f"kafka.partitions is {kafka.partitions} but topic {kafka.topic!r} has {count} "

@@ -171,3 +171,22 @@ def test_broker_sigkill_and_restart_mid_stream(system: KafkaSystem, kafka: Kafka
     kafka.restart(hard=True)  # SIGKILL, then the same data dir and ports
     system.wait_settled(timeout_s=100.0)
     assert_exact(system)
+
+
+def test_settle_run_source_kafka_supervises_the_bridge_and_the_consumer_shards(
+        make_system: Callable[..., KafkaSystem]) -> None:
+    import json
+
+    from engine.demo import start_engine, stop, wait_engine_ready
+
+    ks = make_system()
+    engine = start_engine(ks.config_path, ks.root)  # `settle run` with engine.source = "kafka"
+    try:
+        wait_engine_ready(engine, ks.root, 180)
+        slots = json.loads((ks.root / "run" / "supervisor.json").read_text())["slots"]
+        assert sorted(slots) == ["bridge", "shard-0", "shard-1", "shard-2"]
+        ks.start_sim(20_000, rate=5_000)
+        ks.wait_settled(timeout_s=180)
+    finally:
+        assert stop(engine, 90) == 0
+    assert_exact(ks)
