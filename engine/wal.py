@@ -7,14 +7,25 @@ Layout of a shard's WAL root (``var/wal/shard-2/``)::
     BTC-USDT/00000000000000004097.seg
     ETH-USDT/...
 
-A segment is the 8-byte magic ``SETLWAL1`` then records framed by :mod:`engine.records` (type
-``TYPE_TRADE``, payload the msgpack-encoded :class:`~engine.messages.Trade`). A symbol's seqs are
-contiguous across its segments; a segment that holds no record still says, by its name, where the
-symbol's log continues (``last_seq = first_seq - 1``).
+A segment is the 8-byte magic ``SETLWAL1`` then records framed by :mod:`engine.records`, each one
+trade (payload the msgpack-encoded :class:`~engine.messages.Trade`). The first record a commit writes
+to a segment has type ``TYPE_COMMIT_START``, the others ``TYPE_TRADE``. A symbol's seqs are contiguous
+across its segments; a segment that holds no record still says, by its name, where the symbol's log
+continues (``last_seq = first_seq - 1``).
 
 :meth:`ShardWal.append` only buffers; :meth:`ShardWal.commit` writes each dirty symbol's buffer with
 one ``write`` and then ``fdatasync``-s every dirty file once, in parallel. Nothing a caller appended is
 durable before ``commit`` returns. Memory holds per-symbol bookkeeping only, never the records.
+
+Power loss. A commit is appended to a segment only once every byte before it is durable: after the
+previous commit's fdatasync, after recovery's fdatasync of the segment it found, or after the records
+of a failed commit were synced. So after a power loss only the last commit of the last segment can be
+damaged, and any of its pages may be missing (a disk may write them in any order): a hole followed by
+sound records is still a torn tail when no commit starts after it. Damage followed by the start of a
+later commit can only be real corruption, and stops recovery. (A segment written before commits were
+marked has none: damage in it counts as torn when it is the last one.) Recovery fsyncs the segments and
+directories it found before acting on them: a shard killed before its fdatasync leaves records in the
+page cache that are not on the disk yet.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from engine.messages import SYMBOL_PATTERN, Trade, encoder, trade_decoder
 from engine.records import HEADER, HEADER_BYTES, MAGIC_BYTES, PAYLOAD_BYTES_MAX, TYPE_TRADE, Damage, scan
 
 MAGIC: Final = b"SETLWAL1"
+TYPE_COMMIT_START: Final = 2  # a trade record that is the first one a commit wrote to its segment
 LOCK_NAME: Final = "LOCK"
 SEGMENT_SUFFIX: Final = ".seg"
 FSYNC_THREADS_MAX: Final = 8
@@ -45,6 +57,8 @@ _SEGMENT_RE: Final = re.compile(r"(\d{20})\.seg")
 _SYMBOL_RE: Final = re.compile(SYMBOL_PATTERN)
 _SHARD_DIR_RE: Final = re.compile(r"shard-(\d+)")
 _TRADE_CRC_SEED: Final = zlib.crc32(bytes((TYPE_TRADE,)))
+_COMMIT_START_CRC_SEED: Final = zlib.crc32(bytes((TYPE_COMMIT_START,)))
+_TRADE_TYPES: Final = (TYPE_TRADE, TYPE_COMMIT_START)
 
 assert len(MAGIC) == MAGIC_BYTES
 
@@ -131,6 +145,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit_start_after(data: bytes, damage: int) -> int | None:
+    """Offset of the first sound ``TYPE_COMMIT_START`` record that begins after ``damage``, or None."""
+    type_at = HEADER_BYTES - 1
+    position = data.find(TYPE_COMMIT_START, damage + 1 + type_at)
+    while position >= 0:
+        offset = position - type_at
+        length, crc, _ = HEADER.unpack_from(data, offset)
+        end = offset + HEADER_BYTES + length
+        sound = 0 < length <= PAYLOAD_BYTES_MAX and end <= len(data)
+        if sound and zlib.crc32(memoryview(data)[offset + HEADER_BYTES : end], _COMMIT_START_CRC_SEED) == crc:
+            return offset
+        position = data.find(TYPE_COMMIT_START, position + 1)
+    return None
+
+
 def _list_segments(directory: Path) -> list[_Segment]:
     segments = []
     with os.scandir(directory) as entries:
@@ -164,6 +201,8 @@ def _makedirs_durably(path: Path) -> None:
         except FileExistsError:
             continue
         _fsync_dir(directory.parent)
+    if not missing:
+        _fsync_dir(path.parent)  # a predecessor may have died between its mkdir and that fsync
 
 
 class ShardWal:
@@ -274,10 +313,17 @@ class ShardWal:
         torn: list[tuple[str, int, int]] = []
         if progress is not None:
             progress(0, bytes_total)
+        self._sync_dir(self.root)
         for symbol, segments in listing:
             state = _Symbol(symbol, self.root / symbol, dir_exists=True)
             size_before = sum(seg.size for seg in segments)
             records += self._recover_symbol(state, segments, repair_corruption, torn)
+            # What a killed predecessor wrote may sit in the page cache only: make it durable before it
+            # is settled, and before a commit is appended after it. Earlier segments were synced before
+            # their successor was created.
+            self._sync_dir(state.directory)
+            if state.segments and self.fsync:
+                _fsync_file(state.segments[-1].path)
             self._symbols[symbol] = state
             bytes_done += size_before
             if progress is not None:
@@ -309,14 +355,18 @@ class ShardWal:
                         f"{expected - 1}",
                         0,
                     )
-                count, damage = self._verify_segment(state.name, segment)
+                count, damage, next_commit = self._verify_segment(state.name, segment)
             except _Corrupt as e:
                 stop = e
             else:
-                if damage is not None and is_last and not damage.sound_after:
-                    self._truncate(segment, damage.offset, torn)  # a torn tail: the write never completed
+                if damage is not None and is_last and next_commit is None:
+                    self._truncate(segment, damage.offset, torn)  # a torn tail: the commit never completed
                 elif damage is not None:
-                    where = "in the middle of the segment" if damage.sound_after else "in a non-last segment"
+                    where = (
+                        f"in the middle of the segment (a later commit starts at byte {next_commit})"
+                        if is_last
+                        else "in a non-last segment"
+                    )
                     stop = _Corrupt(segment, damage.offset, f"{damage.reason} {where}", count)
             if stop is None:
                 state.segments.append(segment)
@@ -343,8 +393,9 @@ class ShardWal:
         assert state.last_seq >= 0, (state.name, state.last_seq)
         return records
 
-    def _verify_segment(self, symbol: str, segment: _Segment) -> tuple[int, Damage | None]:
-        """Check magic, framing, symbol and seq of every record. Returns (sound records, first damage).
+    def _verify_segment(self, symbol: str, segment: _Segment) -> tuple[int, Damage | None, int | None]:
+        """Check magic, framing, symbol and seq of every record. Returns (sound records, first damage,
+        offset of a commit that starts after the damage).
 
         Raises ``_Corrupt`` for what cannot be a torn write: a bad magic, or a checksummed record
         that does not decode or breaks the seq chain.
@@ -353,14 +404,14 @@ class ShardWal:
             data = f.read()
         assert len(data) == segment.size, (segment.path, len(data), segment.size)
         if len(data) < MAGIC_BYTES and MAGIC.startswith(data):
-            return 0, Damage(0, f"segment magic cut short ({len(data)} of {MAGIC_BYTES} bytes)", False)
+            return 0, Damage(0, f"segment magic cut short ({len(data)} of {MAGIC_BYTES} bytes)", False), None
         if data[:MAGIC_BYTES] != MAGIC:
             raise _Corrupt(segment, 0, f"bad magic {data[:MAGIC_BYTES]!r} (expected {MAGIC!r})", 0)
         result = scan(data)
         seq = segment.first_seq
         for offset, record_type, payload in result.records:
             count = seq - segment.first_seq
-            if record_type != TYPE_TRADE:
+            if record_type not in _TRADE_TYPES:
                 raise _Corrupt(segment, offset, f"unknown record type {record_type}", count)
             try:
                 trade = self._decoder.decode(payload)
@@ -372,7 +423,9 @@ class ShardWal:
             if trade.seq != seq:
                 raise _Corrupt(segment, offset, f"record has seq {trade.seq} where seq {seq} belongs", count)
             seq += 1
-        return seq - segment.first_seq, result.damage
+        damage = result.damage
+        later = None if damage is None or not damage.sound_after else _commit_start_after(data, damage.offset)
+        return seq - segment.first_seq, damage, later
 
     def _truncate(self, segment: _Segment, offset: int, torn: list[tuple[str, int, int]]) -> None:
         """Cut ``segment`` at ``offset`` (a segment cut inside its magic gets a fresh magic)."""
@@ -490,7 +543,10 @@ class ShardWal:
         assert len(payload) <= PAYLOAD_BYTES_MAX, len(payload)
         buffer = state.buffer
         state.tail = len(buffer)
-        buffer += HEADER.pack(len(payload), zlib.crc32(payload, _TRADE_CRC_SEED), TYPE_TRADE)
+        if buffer:
+            buffer += HEADER.pack(len(payload), zlib.crc32(payload, _TRADE_CRC_SEED), TYPE_TRADE)
+        else:  # the buffer is written whole by one commit, into one segment: this record starts it
+            buffer += HEADER.pack(len(payload), zlib.crc32(payload, _COMMIT_START_CRC_SEED), TYPE_COMMIT_START)
         buffer += payload
         state.last_seq = trade.seq
         self._dirty[trade.symbol] = state
@@ -530,6 +586,11 @@ class ShardWal:
             self._rotate(state)
         elif state.fd < 0:
             state.fd = os.open(state.segments[-1].path, os.O_WRONLY | os.O_APPEND)
+        if state.name in self._unsynced:
+            # Records of a commit that failed before its fdatasync: durable first, so that only the last
+            # commit of a segment can ever be torn by a power loss.
+            self._sync_all([state.fd])
+            del self._unsynced[state.name]
         segment = state.segments[-1]
         buffer = state.buffer
         size_before = segment.size
@@ -561,8 +622,8 @@ class ShardWal:
             length, crc, record_type = HEADER.unpack_from(buffer, offset)
             payload = bytes(buffer[offset + HEADER_BYTES : offset + HEADER_BYTES + length])
             assert len(payload) == length, (state.name, offset, length)
-            assert record_type == TYPE_TRADE, (state.name, offset, record_type)
-            assert zlib.crc32(payload, _TRADE_CRC_SEED) == crc, (state.name, offset)
+            assert record_type == (TYPE_TRADE if offset else TYPE_COMMIT_START), (state.name, offset, record_type)
+            assert zlib.crc32(payload, zlib.crc32(bytes((record_type,)))) == crc, (state.name, offset)
             trade = self._decoder.decode(payload)
             assert trade.symbol == state.name, (state.name, trade.symbol)
             assert trade.seq == seq, (state.name, offset, trade.seq, seq)
@@ -582,6 +643,7 @@ class ShardWal:
         if state.fd >= 0:
             if state.name in self._unsynced:  # records of a commit that failed before its fdatasync
                 self._sync_all([state.fd])
+                del self._unsynced[state.name]
             os.close(state.fd)
             state.fd = -1
         first_seq = state.written_seq + 1

@@ -95,6 +95,7 @@ class GapFiller:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue requests for an ME that is not connected
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(self._config.me.replay)
+        self._send_now: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         receiver = asyncio.create_task(self._receive(sock))
         try:
             while True:
@@ -140,7 +141,7 @@ class GapFiller:
             self._next_id += 1
             frame = encoder.encode(ReplayRequest(request_id=request_id, symbol=symbol, from_seq=first, to_seq=last))
             try:
-                sock.send(frame, zmq.NOBLOCK)
+                self._send_now.send(frame, zmq.NOBLOCK)  # synchronous: Again is raised here, not in a Future
             except zmq.Again:
                 self._fail(symbol, "unreachable")
                 continue

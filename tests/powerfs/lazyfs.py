@@ -28,6 +28,8 @@ libfuse 3) and is driven over a Unix socket by :class:`LazyFS`, a context manage
 always unmounts it. Power is cut on command (:meth:`LazyFS.crash`) or at an armed point
 (:meth:`LazyFS.arm`): the Nth matching operation (say an fsync of a ``.seg`` file, or an fsync of a
 directory that holds an unsynced unlink) cuts it just before or just after the operation takes effect.
+An armed point can instead SIGKILL only the calling process (a process crash: the page cache survives)
+or fail the operation with an errno (a full disk), and can arm the next point the moment it fires.
 """
 
 from __future__ import annotations
@@ -184,9 +186,27 @@ class _Trigger:
     when: str
     dirty: str | None  # fsyncdir: only a directory holding an unsynced change of this kind
     pending: bool  # fsync: only a file holding unsynced writes
+    min_bytes: int  # write: only one of at least this many bytes
+    action: str  # "crash": lose power; "kill": SIGKILL the caller only (the page cache survives); "fail"
+    errno: int  # for "fail": the error the operation fails with, changing nothing
     crash: dict[str, Any]
+    then: dict[str, Any] | None  # a trigger armed the moment this one fires ("{dir}" in its path: this one's)
     done: threading.Event = field(default_factory=threading.Event)
     report: dict[str, Any] | None = None
+    next: _Trigger | None = None
+
+
+def _trigger(request: dict[str, Any]) -> _Trigger:
+    unknown = set(request["ops"]) - POINT_OPS
+    when, action = request.get("when", "before"), request.get("action", "crash")
+    if unknown or when not in ("before", "after") or action not in ("crash", "kill", "fail"):
+        raise ValueError(f"cannot arm {action} on {sorted(unknown)} / {when}")
+    return _Trigger(
+        ops=frozenset(request["ops"]), path=re.compile(request.get("path", "")), skip=int(request.get("skip", 0)),
+        when=when, action=action, errno=int(request.get("errno", errno.EIO)), dirty=request.get("dirty"),
+        pending=bool(request.get("pending", False)), min_bytes=int(request.get("min_bytes", 0)),
+        crash=request.get("crash", {}), then=request.get("then"),
+    )
 
 
 def _apply(data: bytearray, offset: int, payload: bytes | None) -> None:
@@ -341,9 +361,9 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
 
         # -- power loss -----------------------------------------------------------------------------
 
-        def _match(self, op: str, path: str | None, node: _Node | None) -> str | None:
+        def _match(self, op: str, path: str | None, node: _Node | None, size: int) -> str | None:
             trigger = self.trigger
-            if trigger is None or op not in trigger.ops:
+            if trigger is None or op not in trigger.ops or size < trigger.min_bytes:
                 return None
             if not trigger.path.search(path or (node.path if node else "")):
                 return None
@@ -360,12 +380,35 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
             trigger = self.trigger
             assert trigger is not None
             self.trigger = None
-            trigger.report = self.crash(**trigger.crash, op=f"{trigger.when} {op} {path}", done=trigger.done)
+            if trigger.then is not None:
+                directory = (path or "") if op in ("fsyncdir", "mkdir", "rmdir") else os.path.dirname(path or "")
+                directory = re.escape(directory.rstrip("/"))
+                then = {**trigger.then, "path": trigger.then.get("path", "").replace("{dir}", directory)}
+                self.trigger = trigger.next = _trigger(then)
+            where = f"{trigger.when} {op} {path}"
+            if trigger.action == "fail":
+                trigger.report = {"action": "fail", "op": where, "errno": trigger.errno, "victims": [],
+                                  "label": trigger.crash.get("label", "")}
+                trigger.done.set()
+                return fail(trigger.errno)
+            if trigger.action == "kill":
+                pid = _tgid(fuse_get_context()[2])
+                victims = {pid} - set(protect) if pid else set()
+                for victim in victims:
+                    os.kill(victim, signal.SIGKILL)
+                trigger.report = {"action": "kill", "op": where, "victims": sorted(victims),
+                                  "label": trigger.crash.get("label", "")}
+                threading.Thread(target=self._bury, args=(set(), trigger.done, victims), daemon=True).start()
+            else:
+                caller = _tgid(fuse_get_context()[2])
+                roots = [*trigger.crash.get("roots", ()), *([caller] if caller else [])]
+                trigger.report = self.crash(**{**trigger.crash, "roots": roots}, op=where, done=trigger.done)
             return fail()
 
-        def _point(self, op: str, path: str | None, node: _Node | None, action):  # type: ignore[no-untyped-def]
-            when = self._match(op, path, node)
-            if when == "before":
+        def _point(self, op: str, path: str | None, node: _Node | None, action,  # type: ignore[no-untyped-def]
+                   size: int = 0):
+            when = self._match(op, path, node, size)
+            if when == "before" or (when is not None and self.trigger is not None and self.trigger.action == "fail"):
                 raise self._fire(op, path)
             result = action()
             if when == "after":
@@ -387,7 +430,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 report.update(label=label, mode=mode, seed=seed, op=op, victims=sorted(victims),
                               crash=self.crashes)
             done = done or threading.Event()
-            threading.Thread(target=self._bury, args=(victims, done), daemon=True).start()
+            threading.Thread(target=self._bury, args=(victims, done, victims), daemon=True).start()
             log.warning("power loss %d (%s, %s): %s", self.crashes, label, op, json.dumps(report)[:2000])
             return report
 
@@ -409,11 +452,11 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 stopped |= new
             return stopped
 
-        def _bury(self, victims: set[int], done: threading.Event) -> None:
+        def _bury(self, dead: set[int], done: threading.Event, victims: set[int]) -> None:
             while not all(_gone(pid) for pid in victims):
                 time.sleep(0.01)
             with self.mutex:
-                self.dead -= victims
+                self.dead -= dead
             done.set()
 
         def _tree(self) -> set[str]:
@@ -637,7 +680,7 @@ def _serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                     node.pending.append((at, bytes(data[:done])))
                     return done
 
-                return int(self._point("write", path, node, action))
+                return int(self._point("write", path, node, action, size=len(data)))
 
         def truncate(self, path: str, length: int, fh: int | None = None) -> int:
             with self.mutex:
@@ -736,7 +779,7 @@ def _control_server(ops: Any, path: Path) -> socketserver.ThreadingUnixStreamSer
                 self.wfile.write(json.dumps(answer).encode() + b"\n")
                 self.wfile.flush()
 
-    armed: list[_Trigger] = []  # the last trigger armed, kept after it fired for `wait`
+    armed: list[_Trigger] = []  # the last trigger armed (the head of its chain), kept after it fired for `wait`
 
     def dispatch(request: dict[str, Any]) -> dict[str, Any]:
         cmd = request.pop("cmd")
@@ -748,29 +791,32 @@ def _control_server(ops: Any, path: Path) -> socketserver.ThreadingUnixStreamSer
             done.wait()
             return dict(report)
         if cmd == "arm":
-            unknown = set(request["ops"]) - POINT_OPS
-            if unknown or request.get("when", "before") not in ("before", "after"):
-                return {"error": f"cannot arm on {sorted(unknown)} / {request.get('when')}"}
+            trigger = _trigger(request)
             with ops.mutex:
-                ops.trigger = trigger = _Trigger(
-                    ops=frozenset(request["ops"]), path=re.compile(request.get("path", "")),
-                    skip=int(request.get("skip", 0)), when=request.get("when", "before"),
-                    dirty=request.get("dirty"), pending=bool(request.get("pending", False)),
-                    crash=request.get("crash", {}),
-                )
+                ops.trigger = trigger
             armed[:] = [trigger]
             return {"armed": True}
-        if cmd == "wait":
-            if not armed:
-                return {"fired": False}
-            trigger = armed[0]
-            fired = trigger.done.wait(float(request.get("timeout_s", 60.0)))
-            return {"fired": fired, **(trigger.report or {})} if fired else {"fired": False}
-        if cmd == "disarm":
+        if cmd == "wait":  # for the whole chain; the earlier reports come in "before"
+            deadline = time.monotonic() + float(request.get("timeout_s", 60.0))
+            trigger = armed[0] if armed else None
+            before = []
+            while trigger is not None and trigger.done.wait(max(0.0, deadline - time.monotonic())):
+                assert trigger.report is not None
+                if trigger.next is None:
+                    return {"fired": True, **trigger.report, "before": before}
+                before.append(trigger.report)
+                trigger = trigger.next
+            return {"fired": False}
+        if cmd == "disarm":  # answers the report when the chain's last trigger fired after all
             with ops.mutex:
                 ops.trigger = None
-            armed.clear()
-            return {"disarmed": True}
+                trigger = armed.pop() if armed else None
+                while trigger is not None and trigger.next is not None:
+                    trigger = trigger.next
+            if trigger is None or trigger.report is None:
+                return {"fired": False}
+            trigger.done.wait()
+            return {"fired": True, **trigger.report}
         if cmd == "stats":
             with ops.mutex:
                 return {"crashes": ops.crashes, "counts": dict(ops.counts), "nodes": len(ops.nodes)}
@@ -816,7 +862,7 @@ class LazyFS:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file,
                                          stderr=log_file)
         deadline = time.monotonic() + timeout_s
-        while not (self.control.exists() and os.path.ismount(self.mount)):
+        while not (self.control.exists() and self._mounted()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise LazyFSError(f"LazyFS did not mount at {self.mount}:\n{self.log()}")
@@ -827,7 +873,7 @@ class LazyFS:
         """Unmount (lazily when a process still holds a file) and stop the server, whatever state it is in."""
         if self.proc is None:
             return
-        if os.path.ismount(self.mount) or self.proc.poll() is None:
+        if self._mounted():
             done = subprocess.run(["fusermount3", "-u", str(self.mount)], capture_output=True, check=False)
             if done.returncode != 0:
                 subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
@@ -836,9 +882,13 @@ class LazyFS:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if os.path.ismount(self.mount):
+        if self._mounted():  # the server died and left "transport endpoint is not connected" behind
             subprocess.run(["umount", "-l", str(self.mount)], capture_output=True, check=False)
         self.proc = None
+
+    def _mounted(self) -> bool:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == str(self.mount) for line in f)
 
     def log(self) -> str:
         try:
@@ -870,13 +920,31 @@ class LazyFS:
         return report
 
     def arm(self, ops: set[str] | list[str], *, path: str = "", skip: int = 0, when: str = "before",
-            dirty: str | None = None, pending: bool = False, roots: tuple[int, ...] | list[int] = (),
-            mode: str = "drop", seed: int = 0, label: str = "armed") -> None:
+            dirty: str | None = None, pending: bool = False, min_bytes: int = 0, action: str = "crash",
+            error: int = errno.EIO, roots: tuple[int, ...] | list[int] = (), mode: str = "drop", seed: int = 0,
+            label: str = "armed", then: dict[str, Any] | None = None) -> None:
         """Lose power at the ``skip``+1-th operation in ``ops`` on a path matching ``path`` (a regex),
         ``when`` "before" or "after" it takes effect. ``dirty``: fsyncdir of a directory holding an
-        unsynced "create", "unlink" or "rename"; ``pending``: fsync of a file holding unsynced writes."""
-        self._call(cmd="arm", ops=sorted(ops), path=path, skip=skip, when=when, dirty=dirty, pending=pending,
-                   crash={"roots": list(roots), "mode": mode, "seed": seed, "label": label})
+        unsynced "create", "unlink" or "rename"; ``pending``: fsync of a file holding unsynced writes;
+        ``min_bytes``: a write of at least that many bytes.
+        ``action="kill"``: SIGKILL only the process making that call, and lose nothing (a process crash).
+        ``action="fail"``: the operation fails with ``error`` (say ENOSPC) and changes nothing.
+        ``then``: the arguments of a trigger armed the moment this one fires, with no operation in between
+        (in its ``path``, ``{dir}`` stands for the directory this one fired in); :meth:`wait` waits for the
+        last one, and its report lists the earlier ones' in ``before``."""
+        self._call(cmd="arm", **self._request(ops, path=path, skip=skip, when=when, dirty=dirty, pending=pending,
+                                              min_bytes=min_bytes, action=action, error=error, roots=roots,
+                                              mode=mode, seed=seed, label=label, then=then))
+
+    @classmethod
+    def _request(cls, ops: set[str] | list[str], *, path: str = "", skip: int = 0, when: str = "before",
+                 dirty: str | None = None, pending: bool = False, min_bytes: int = 0, action: str = "crash",
+                 error: int = errno.EIO, roots: tuple[int, ...] | list[int] = (), mode: str = "drop",
+                 seed: int = 0, label: str = "armed", then: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"ops": sorted(ops), "path": path, "skip": skip, "when": when, "dirty": dirty, "pending": pending,
+                "min_bytes": min_bytes, "action": action, "errno": error,
+                "then": None if then is None else cls._request(**then),
+                "crash": {"roots": list(roots), "mode": mode, "seed": seed, "label": label}}
 
     def wait(self, timeout_s: float = 60.0) -> dict[str, Any] | None:
         """The report of the armed power loss once it happened and its victims are dead, else None."""
@@ -886,8 +954,13 @@ class LazyFS:
         self.crashes.append(answer)
         return answer
 
-    def disarm(self) -> None:
-        self._call(cmd="disarm")
+    def disarm(self) -> dict[str, Any] | None:
+        """Disarm; returns the report when the armed power loss happened after all (a race), else None."""
+        answer = self._call(cmd="disarm")
+        if not answer.pop("fired"):
+            return None
+        self.crashes.append(answer)
+        return answer
 
     def stats(self) -> dict[str, Any]:
         return self._call(cmd="stats")

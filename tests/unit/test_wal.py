@@ -192,7 +192,10 @@ def test_torn_tail_at_every_byte_of_the_last_record(tmp_path: Path) -> None:
             assert path.stat().st_size == last
             wal.append(make_trade("BTC-USDT", records))
             wal.commit()
-        assert path.read_bytes() == whole
+        rewritten = path.read_bytes()  # the same trade; its header now says it opens a commit
+        assert len(rewritten) == len(whole)
+        assert rewritten[:last] == whole[:last]
+        assert rewritten[last + HEADER_BYTES :] == whole[last + HEADER_BYTES :]
         with ShardWal(root, segment_bytes_max=1 << 20) as wal:
             report = wal.recover()
             assert report.torn_tails == []
@@ -264,7 +267,7 @@ def test_shard_number_comes_from_the_directory_name_or_is_unknown(tmp_path: Path
     for name, shard in [("shard-7", "7"), ("elsewhere", "?")]:
         root = tmp_path / name
         with open_wal(root) as wal:
-            write(wal, "BTC-USDT", range(1, 3))
+            write(wal, "BTC-USDT", range(1, 3), commit_each=True)  # damage followed by a later commit
         flip(segments(root)[0], MAGIC_BYTES + 1)
         with ShardWal(root, segment_bytes_max=1 << 20) as wal, pytest.raises(WalCorruption) as caught:
             wal.recover()
