@@ -1,23 +1,20 @@
-"""Shared pieces: run the real pipeline (simulator + supervised engine) and time it; tables and JSON."""
+"""Shared pieces: the machine, processes seen through /proc, /metrics scrapes, tables and JSON.
+
+``run_pipeline`` (the older one-call runner used by ``bench.pipeline``) is kept; the scenarios of
+``settle bench`` use :mod:`bench.settlerun`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import math
 import os
 import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+import urllib.request
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
-
-from engine import config as configmod
-from engine.demo import demo_config, spawn, start_engine, stop, wait_engine_ready
-from engine.store import open_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,70 +29,135 @@ class PipelineRun:
     verified: bool
 
 
+# ------------------------------------------------------------------------------------------ the machine
+
+
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-async def _settled(config: configmod.Config) -> int:
-    store = await open_store(config.store, create_schema=False)
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average": os.getloadavg(),
+    }
     try:
-        return sum((await store.watermarks()).values())
-    finally:
-        await store.close()
-
-
-def run_pipeline(name: str, trades: int, shards: int, overrides: dict[str, Any] | None = None,
-                 store: str = "embedded", rate: int = 0, verify: bool = True, symbols: int = 16) -> PipelineRun:
-    """Start engine and simulator on free ports, publish ``trades``, time until the store holds them all."""
-    root = Path(tempfile.mkdtemp(prefix=f"settle-bench-{name}-"))
-    (root / "logs").mkdir()
-    base: dict[str, Any] = {}
-    for dotted, value in (overrides or {}).items():
-        configmod.set_dotted(base, dotted, value)
-    raw = demo_config(root, shards, store, base)
-    if store == "cassandra":
-        raw["store"].setdefault("cassandra", {})["keyspace"] = f"bench_{name.replace('-', '_')}_{os.getpid()}"
-    config = configmod.from_dict(raw, name)
-    (root / "config.json").write_text(json.dumps(raw))
-    engine = start_engine(root / "config.json", root)
-    sim: subprocess.Popen[bytes] | None = None
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu_model"] = platform.processor()
     try:
-        wait_engine_ready(engine, root, 300)
-        sim = spawn([sys.executable, "-m", "engine.cli", "sim", "--publish", config.me.publish, "--replay",
-                     config.me.replay, "--log", str(root / "me.log"), "--trades", str(trades), "--rate", str(rate),
-                     "--symbols", str(symbols), "--wait-subscribers", "1", "--timestamps", "wall", "--quiet"],
-                    root / "logs" / "simulator.log")
-        settled, first_at, last_change = 0, 0.0, time.monotonic()
-        while settled < trades:
-            time.sleep(0.05)
-            now = time.monotonic()
-            value = asyncio.run(_settled(config))
-            if value and not first_at:
-                first_at = now
-            if value != settled:
-                settled, last_change = value, now
-            if now - last_change > 120:
-                raise RuntimeError(f"{name}: stalled at {settled}/{trades}; see {root}/logs")
-        seconds = time.monotonic() - (first_at or time.monotonic())
-    finally:
-        stop(engine)
-        if sim is not None:
-            stop(sim)
-    ok = True
-    if verify:
-        from engine.checker import check
+        with open("/proc/meminfo") as f:
+            total_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+        info["memory_gib"] = round(total_kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return info
 
-        async def verify_run() -> bool:
-            st = await open_store(config.store, create_schema=False)
-            try:
-                return (await check(str(root / "me.log"), st, 0)).ok
-            finally:
-                await st.close()
 
-        ok = asyncio.run(verify_run())
-    shutil.rmtree(root, ignore_errors=True)
-    return PipelineRun(name, shards, trades, seconds, trades / max(seconds, 1e-9), ok)
+def disk_of(path: Path) -> str:
+    """The device and file system holding ``path`` (from /proc/mounts: the longest matching mount)."""
+    target = str(Path(path).resolve())
+    best = ("", "?", "?")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                device, mount, fstype = line.split()[:3]
+                if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[0]):
+                    best = (mount, device, fstype)
+    except OSError:
+        pass
+    return f"{best[1]} ({best[2]}) mounted on {best[0] or '?'}"
+
+
+# ----------------------------------------------------------------------------------------- /proc/PID
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0.0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int | None:
+    """VmRSS of a live process; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# -------------------------------------------------------------------------------------------- /metrics
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text: str = response.read().decode()
+        return text
+
+
+def metric_sum(text: str, name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets) in a Prometheus text exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def histogram_buckets(text: str, name: str) -> dict[float, float]:
+    """``le`` -> cumulative count of histogram ``name``, summed over label sets."""
+    buckets: dict[float, float] = {}
+    prefix = f"{name}_bucket{{"
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        labels, value = line[len(prefix) :].rsplit("} ", 1)
+        le = next(part.split("=", 1)[1].strip('"') for part in labels.split(",") if part.startswith("le="))
+        bound = math.inf if le == "+Inf" else float(le)
+        buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    return buckets
+
+
+def subtract(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
+    return {le: count - before.get(le, 0.0) for le, count in after.items()}
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float:
+    """Prometheus' ``histogram_quantile``: linear interpolation inside the bucket the rank falls in."""
+    bounds = sorted(buckets)
+    if not bounds or not buckets[bounds[-1]]:
+        return math.nan
+    total = buckets[bounds[-1]]
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound  # past the last finite bucket: its upper bound is all we know
+            width = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / width if width else 1.0)
+        lower_bound, lower_count = bound, count
+    return bounds[-1]
+
+
+def fraction_at_most(bound: float, buckets: dict[float, float]) -> float:
+    """Exact share of observations ``<= bound`` when ``bound`` is a bucket bound."""
+    total = buckets.get(math.inf) or max(buckets.values(), default=0.0)
+    return buckets.get(bound, math.nan) / total if total else math.nan
+
+
+# ---------------------------------------------------------------------------------------- presentation
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -107,16 +169,53 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
         return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    payload = {"machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)))
+def _default(o: Any) -> Any:
+    if is_dataclass(o) and not isinstance(o, type):
+        return asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def clean_json(value: Any) -> Any:
+    """NaN and infinities as None (JSON has neither), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_json(v) for v in value]
+    return value
+
+
+def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    directory = out_dir or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    payload = clean_json(json.loads(json.dumps({"machine": machine(), **payload}, default=_default)))
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------ the older one-call runner
+
+
+def run_pipeline(name: str, trades: int, shards: int, overrides: dict[str, Any] | None = None,
+                 store: str = "embedded", rate: int = 0, verify: bool = True, symbols: int = 16) -> PipelineRun:
+    """Start engine and simulator on free ports, publish ``trades``, time until the store holds them all."""
+    from bench.settlerun import run_settle
+
+    run = run_settle(name, trades=trades, shards=shards, store=store, publisher="sim", rate=rate,
+                     symbols=symbols, overrides=overrides, verify=verify)
+    return PipelineRun(name, shards, trades, run.seconds, run.trades_per_s, bool(run.verified))

@@ -1,19 +1,24 @@
-"""How fast the stores take settlement batches: rows/s of ``Store.write``, per mode.
+"""How fast the stores take settlement batches, against the raw driver writing the same rows.
 
     ops/cassandra/cassandra.sh start var/bench-cassandra      # prints the CQL port
     python -m bench.store_write --port PORT [--trades 40000] [--symbols 8] [--accounts 10000]
 
-Modes (each on a fresh keyspace, the same trades, batches of ``--batch`` trades prepared by the
-:class:`~engine.settlement.Settler`; only ``write`` is timed):
+The trades come from the reference simulator's generator (:class:`engine.mesim.TradeGenerator`), folded
+into batches of ``--batch`` trades by the :class:`~engine.settlement.Settler` exactly as a shard does.
+Each mode runs on a fresh keyspace:
 
-- ``cassandra``: the default write path -- single-partition UNLOGGED batches, concurrently, then
-  the watermarks.
-- ``cassandra-logged``: ``logged_batches = true``, a LOGGED batch per few trades (the design note's way).
-- ``raw-driver rows``: the same ledger and position rows as single-row statements through the driver's
-  ``execute_concurrent`` (its own thread, no asyncio, no logic), statements bound beforehand.
-- ``raw-driver batches``: the exact single-partition batches the store sends, the same way: what the
-  default path would reach with zero overhead of its own.
-- ``embedded``: the SQLite store, for scale (``--sqlite PATH``; a temporary file by default).
+- ``settle``: settle's whole settle stage, as one shard runs it: for each batch ``Settler.prepare`` (reading
+  positions from the store the first time it touches them) then ``CassandraStore.write`` (single-partition
+  UNLOGGED batches, concurrently, then the watermarks), batch after batch. Timed: all of it.
+- ``settle write only``: the same batches prepared beforehand; only ``CassandraStore.write`` is timed.
+- ``settle logged``: ``logged_batches = true``, a LOGGED batch per few trades (the design note's way).
+- ``raw rows c=N``: the same ledger and position rows as single-row statements through the driver's
+  ``execute_concurrent`` (its own thread, no asyncio, no logic) with N requests in flight, statements
+  bound before the clock starts. The best N is the driver's ceiling for these rows.
+- ``raw batches c=N``: the exact single-partition batches the store sends, the same way.
+
+The raw ceiling is the best of the raw modes: the driver's best way of writing these rows.
+- ``embedded``: the SQLite store (write only), for scale.
 
 A "row" is a ledger row or a position row (watermark and bucket rows are not counted).
 """
@@ -31,18 +36,22 @@ from typing import Any
 from cassandra.concurrent import execute_concurrent
 
 from engine.config import CassandraConfig
+from engine.mesim import FEE_ACCOUNT, TradeGenerator, sim_config
 from engine.messages import Trade
 from engine.settlement import Settler
 from engine.store.base import Batch, Store
 from engine.store.cassandra import CassandraStore
 from engine.store.embedded import EmbeddedStore
 from engine.store.schema import ledger_bucket, ledger_ints
-from tests import contract
+
+CONCURRENCIES = (32, 128, 512)
+RAW_ATTEMPTS = 5
 
 
-def workload(trades: int, symbols: int, accounts: int) -> list[list[Trade]]:
-    names = [f"S{i}-USDT" for i in range(symbols)]
-    return [contract.stream(names, trades // symbols, accounts=accounts, seed=7)]
+def workload(trades: int, symbols: int, accounts: int, seed: int = 7) -> list[Trade]:
+    """``trades`` trades as the simulator makes them (deterministic for the seed)."""
+    generator = TradeGenerator(sim_config(symbols=symbols, accounts=accounts, seed=seed))
+    return [generator.next()[0] for _ in range(trades)]
 
 
 async def prepared_batches(trades: list[Trade], batch_trades: int) -> list[Batch]:
@@ -50,11 +59,8 @@ async def prepared_batches(trades: list[Trade], batch_trades: int) -> list[Batch
     with tempfile.TemporaryDirectory() as tmp:
         scratch = await EmbeddedStore.open(str(Path(tmp) / "scratch.db"))
         try:
-            settler = Settler(scratch, contract.FEE)
-            return [
-                await settler.prepare(trades[i : i + batch_trades])
-                for i in range(0, len(trades), batch_trades)
-            ]
+            settler = Settler(scratch, FEE_ACCOUNT)
+            return [await settler.prepare(trades[i : i + batch_trades]) for i in range(0, len(trades), batch_trades)]
         finally:
             await scratch.close()
 
@@ -70,6 +76,19 @@ async def time_store(store: Store, batches: list[Batch]) -> float:
     return time.perf_counter() - started
 
 
+async def bench_settle(config: CassandraConfig, trades: list[Trade], batch_trades: int) -> float:
+    """Prepare (with the store's reads) and write, batch after batch: a shard's settle stage."""
+    store = await CassandraStore.open(config, create_schema=True)
+    try:
+        settler = Settler(store, FEE_ACCOUNT)
+        started = time.perf_counter()
+        for i in range(0, len(trades), batch_trades):
+            await store.write(await settler.prepare(trades[i : i + batch_trades]))
+        return time.perf_counter() - started
+    finally:
+        await store.close()
+
+
 async def bench_cassandra(config: CassandraConfig, batches: list[Batch]) -> float:
     store = await CassandraStore.open(config, create_schema=True)
     try:
@@ -78,9 +97,7 @@ async def bench_cassandra(config: CassandraConfig, batches: list[Batch]) -> floa
         await store.close()
 
 
-async def bench_raw(
-    config: CassandraConfig, batches: list[Batch], concurrency: int, *, grouped: bool
-) -> float:
+async def bench_raw(config: CassandraConfig, batches: list[Batch], concurrency: int, *, grouped: bool) -> float:
     """The driver alone on the same rows: single-row statements, or (``grouped``) exactly the
     single-partition batches the store sends; statements are built before the clock starts."""
     store = await CassandraStore.open(config, create_schema=True)
@@ -99,78 +116,103 @@ async def bench_raw(
 
         def run() -> float:
             started = time.perf_counter()
-            results = execute_concurrent(
-                session, statements, concurrency=concurrency, raise_on_first_error=True
-            )
-            assert all(ok for ok, _ in results)
-            return time.perf_counter() - started
+            todo = statements
+            for _ in range(RAW_ATTEMPTS):  # every statement is idempotent: re-send what timed out
+                results = execute_concurrent(session, todo, concurrency=concurrency, raise_on_first_error=False)
+                todo = [item for item, (ok, _) in zip(todo, results, strict=True) if not ok]
+                if not todo:
+                    return time.perf_counter() - started
+            raise RuntimeError(f"raw driver: {len(todo)} statements still failing after {RAW_ATTEMPTS} attempts")
 
         return await asyncio.to_thread(run)
     finally:
         await store.close()
 
 
-async def main(args: argparse.Namespace) -> None:
-    trades = workload(args.trades, args.symbols, args.accounts)[0]
-    batches = await prepared_batches(trades, args.batch)
+async def compare(host: str, port: int, *, trades: int = 40_000, symbols: int = 16, accounts: int = 1000,
+                  batch: int = 4096, in_flight: int = 256, concurrencies: tuple[int, ...] = CONCURRENCIES,
+                  embedded: bool = True, logged: bool = True) -> dict[str, Any]:
+    """Every mode once on the same trades; rows/s and trades/s per mode, the raw ceiling and the ratios."""
+    stream = workload(trades, symbols, accounts)
+    batches = await prepared_batches(stream, batch)
     rows = rows_of(batches)
-    print(
-        f"{len(trades)} trades in {len(batches)} batches of <= {args.batch}: {rows} rows "
-        f"({sum(len(b.positions) for b in batches)} position rows), "
-        f"{args.accounts} accounts, {args.symbols} symbols"
-    )
+    results: list[dict[str, Any]] = []
 
-    def report(name: str, seconds: float) -> None:
-        print(
-            f"{name:<28} {seconds:7.2f} s  {rows / seconds:>9,.0f} rows/s  "
-            f"{len(trades) / seconds:>9,.0f} trades/s"
-        )
+    def report(mode: str, seconds: float) -> None:
+        results.append({"mode": mode, "seconds": seconds, "rows_per_s": rows / seconds,
+                        "trades_per_s": len(stream) / seconds})
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store = await EmbeddedStore.open(args.sqlite or str(Path(tmp) / "bench.db"))
-        try:
-            report("embedded", await time_store(store, batches))
-        finally:
-            await store.close()
+    if embedded:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = await EmbeddedStore.open(str(Path(tmp) / "bench.db"))
+            try:
+                report("embedded write only", await time_store(store, batches))
+            finally:
+                await store.close()
 
-    def config(**overrides: object) -> CassandraConfig:
-        return CassandraConfig(
-            contact_points=[args.host],
-            port=args.port,
-            keyspace=f"bench_{uuid.uuid4().hex[:12]}",
-            requests_in_flight_max=args.in_flight,
-            **overrides,  # type: ignore[arg-type]
-        )
+    def config(**overrides: Any) -> CassandraConfig:
+        return CassandraConfig(contact_points=[host], port=port, keyspace=f"bench_{uuid.uuid4().hex[:12]}",
+                               requests_in_flight_max=in_flight, **overrides)
 
-    for _ in range(args.repeat):
-        report("cassandra", await bench_cassandra(config(), batches))
-        report("cassandra-logged", await bench_cassandra(config(logged_batches=True), batches))
-        raw = await bench_raw(config(), batches, args.in_flight, grouped=False)
-        report(f"raw-driver rows c={args.in_flight}", raw)
-        raw = await bench_raw(config(), batches, args.in_flight, grouped=True)
-        report(f"raw-driver batches c={args.in_flight}", raw)
+    report("settle", await bench_settle(config(), stream, batch))
+    report("settle write only", await bench_cassandra(config(), batches))
+    if logged:
+        report("settle logged", await bench_cassandra(config(logged_batches=True), batches))
+    raw: list[tuple[float, str]] = []
+    for concurrency in concurrencies:
+        mode = f"raw rows c={concurrency}"
+        seconds = await bench_raw(config(), batches, concurrency, grouped=False)
+        report(mode, seconds)
+        raw.append((rows / seconds, mode))
+    mode = f"raw batches c={in_flight}"
+    seconds = await bench_raw(config(), batches, in_flight, grouped=True)
+    report(mode, seconds)
+    raw.append((rows / seconds, mode))
+    ceiling, best = max(raw)  # the driver's best way of writing these rows, whichever it is
+    by_mode = {r["mode"]: r for r in results}
+    out: dict[str, Any] = {
+        "trades": len(stream), "batches": len(batches), "batch_trades": batch, "rows": rows,
+        "rows_per_trade": rows / len(stream), "symbols": symbols, "accounts": accounts,
+        "modes": results, "raw_ceiling_rows_per_s": ceiling, "raw_best_mode": best,
+        "raw_ceiling_trades_per_s": ceiling / (rows / len(stream)),
+        "settle_vs_raw": by_mode["settle"]["rows_per_s"] / ceiling,
+        "settle_write_only_vs_raw": by_mode["settle write only"]["rows_per_s"] / ceiling,
+    }
+    if logged:
+        out["logged_vs_default"] = by_mode["settle logged"]["rows_per_s"] / by_mode["settle write only"]["rows_per_s"]
+    return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.store_write", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="CQL port")
     parser.add_argument("--trades", type=int, default=40_000)
-    parser.add_argument("--symbols", type=int, default=8)
-    parser.add_argument("--accounts", type=int, default=10_000)
-    parser.add_argument(
-        "--batch", type=int, default=4096, help="trades per store batch (wal.batch_trades_max)"
-    )
+    parser.add_argument("--symbols", type=int, default=16)
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=4096, help="trades per store batch (wal.batch_trades_max)")
     parser.add_argument("--in-flight", type=int, default=256, help="store.cassandra.requests_in_flight_max")
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--sqlite", help="embedded store file (default: a temporary one)")
     parser.add_argument("--no-uvloop", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    coro = compare(args.host, args.port, trades=args.trades, symbols=args.symbols, accounts=args.accounts,
+                   batch=args.batch, in_flight=args.in_flight)
     if args.no_uvloop:
-        asyncio.run(main(args))
+        result = asyncio.run(coro)
     else:
         import uvloop
 
-        uvloop.run(main(args))
+        result = uvloop.run(coro)
+    print(f"{result['trades']} trades in {result['batches']} batches of <= {result['batch_trades']}: "
+          f"{result['rows']} rows ({result['rows_per_trade']:.2f} per trade)")
+    for r in result["modes"]:
+        print(f"{r['mode']:<24} {r['seconds']:7.2f} s  {r['rows_per_s']:>9,.0f} rows/s  "
+              f"{r['trades_per_s']:>9,.0f} trades/s")
+    print(f"settle / raw ceiling: {result['settle_vs_raw']:.2f} "
+          f"(write only {result['settle_write_only_vs_raw']:.2f}); "
+          f"LOGGED / default: {result.get('logged_vs_default', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -49,7 +49,7 @@ from engine.child import Lifeline, child_args, setup_logging
 from engine.config import Config
 from engine.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
 from engine.kafka_config import KafkaConfig, load_child_config
-from engine.messages import Heartbeat, StreamMessage, Trade, check_trade, encoder, stream_decoder
+from engine.messages import Heartbeat, Trade, encoder, stream_decoder
 from engine.quarantine import Quarantine
 from engine.store import open_store
 from router.router import validate

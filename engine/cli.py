@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("sim_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sim)
+    sub.add_parser("bench", help="benchmarks: settle against the design note's design and this machine's limits "
+                   "(see `settle bench --help`)", add_help=False)
     sub.add_parser("bridge", help="Kafka mode: the ME's ZMQ stream into the topic (see `settle bridge --help`)",
                    add_help=False)
 
@@ -235,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine import mesim
 
         return mesim.main(argv[1:])
+    if argv[:1] == ["bench"]:  # so do the benchmarks
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[:1] == ["bridge"]:  # so does the Kafka bridge
         from engine import bridge
 

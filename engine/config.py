@@ -77,7 +77,7 @@ class CassandraConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
 
 
 class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    kind: Literal["embedded", "cassandra"] = "embedded"
+    kind: Literal["embedded", "cassandra", "null"] = "embedded"  # "null": benchmarks only, writes discarded
     path: str = "var/settle.db"  # embedded store file
     cassandra: CassandraConfig = CassandraConfig()
 

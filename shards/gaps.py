@@ -18,11 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from prometheus_client import Counter
-
 import msgspec
 import zmq
 import zmq.asyncio
+from prometheus_client import Counter
 
 from engine.config import Config
 from engine.messages import (
@@ -95,11 +94,10 @@ class GapFiller:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue requests for an ME that is not connected
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(self._config.me.replay)
-        self._send_now: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         receiver = asyncio.create_task(self._receive(sock))
         try:
             while True:
-                self._send_due(sock)
+                await self._send_due(sock)
                 self._expire()
                 await asyncio.sleep(TICK_S)
         finally:
@@ -131,7 +129,7 @@ class GapFiller:
                 out.append((st.symbol, first, first + REQUEST_TRADES_MAX - 1))
         return out
 
-    def _send_due(self, sock: zmq.asyncio.Socket) -> None:
+    async def _send_due(self, sock: zmq.asyncio.Socket) -> None:
         now = time.monotonic()
         for symbol, first, last in self._wanted(time.monotonic_ns()):
             backoff = self._backoff.get(symbol)
@@ -141,7 +139,7 @@ class GapFiller:
             self._next_id += 1
             frame = encoder.encode(ReplayRequest(request_id=request_id, symbol=symbol, from_seq=first, to_seq=last))
             try:
-                self._send_now.send(frame, zmq.NOBLOCK)  # synchronous: Again is raised here, not in a Future
+                await sock.send(frame, zmq.NOBLOCK)  # awaited: an Again surfaces here, not in a lost Future
             except zmq.Again:
                 self._fail(symbol, "unreachable")
                 continue

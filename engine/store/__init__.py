@@ -10,6 +10,10 @@ __all__ = ["Batch", "Position", "PositionKey", "Store", "open_store"]
 
 async def open_store(config: StoreConfig, *, create_schema: bool | None = None) -> Store:
     """The store the configuration names, connected and ready."""
+    if config.kind == "null":  # benchmarks only: every write discarded
+        from bench.nullstore import NullStore
+
+        return await NullStore.open()
     if config.kind == "embedded":
         from engine.store.embedded import EmbeddedStore
 

@@ -87,6 +87,7 @@ CLI = {
              "--config", "--set", "--timeout", "--help"],
     "sim": [],
     "bridge": [],
+    "bench": [],
     "recover": ["--config", "--set", "--shard", "--from-store", "--repair-corruption", "--help"],
     "status": ["--config", "--set", "--json", "--help"],
     "top": ["--config", "--set", "--once", "--interval", "--help"],

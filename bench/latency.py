@@ -1,0 +1,63 @@
+"""Latency: ME execution time to store commit, per trade, at a fraction of the maximum rate.
+
+``settle sim --rate R --timestamps wall`` stamps each trade with the wall clock when it is made (just
+before it is logged and published); each shard observes ``now - ts_ns`` into ``settle_lag_seconds``
+when the store acknowledged the batch holding the trade (same box, same clock). The shards' histograms
+are read from their ``/metrics`` once the run is warm (10% of its trades settled) and again when every
+trade is settled; the difference holds the trades in between. Quantiles are interpolated inside the
+bucket like Prometheus' ``histogram_quantile`` (bounds 0.5, 1, 2, 5, 10, 25, 50, 100 ms, ...); the share
+at or under 25 ms is exact (25 ms is a bound).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import fraction_at_most, histogram_buckets, quantile, scrape, subtract
+from bench.settlerun import Bench, CassandraTarget
+
+LAG_METRIC = "settle_lag_seconds"
+WARM_FRACTION = 0.1
+
+
+def lag_buckets(bench: Bench) -> dict[float, float]:
+    total: dict[float, float] = {}
+    for url in bench.shard_metrics_urls():
+        for le, count in histogram_buckets(scrape(url), LAG_METRIC).items():
+            total[le] = total.get(le, 0.0) + count
+    return total
+
+
+def summarize(buckets: dict[float, float]) -> dict[str, Any]:
+    return {
+        "count": int(max(buckets.values(), default=0)),
+        "p50_ms": quantile(0.50, buckets) * 1e3,
+        "p99_ms": quantile(0.99, buckets) * 1e3,
+        "p999_ms": quantile(0.999, buckets) * 1e3,
+        "share_le_25ms": fraction_at_most(0.025, buckets),
+        "buckets": [[le, count] for le, count in sorted(buckets.items())],
+    }
+
+
+def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, store: str = "embedded",
+                cassandra: CassandraTarget | None = None, symbols: int = 16, accounts: int = 1000,
+                work_dir: Path | None = None) -> dict[str, Any]:
+    """Publish ``rate * seconds`` trades at ``rate`` with wall-clock stamps; the lag distribution."""
+    trades = max(1000, int(rate * seconds))
+    with Bench(name, shards=shards, store=store, cassandra=cassandra, work_dir=work_dir) as bench:
+        bench.start()
+        progress = bench.progress
+        assert progress is not None
+        bench.start_publisher("sim", trades, rate=rate, symbols=symbols, accounts=accounts)
+        warm_at = int(trades * WARM_FRACTION)
+        progress.wait_for(warm_at)
+        before = lag_buckets(bench)
+        started, settled_before = time.monotonic(), progress.settled
+        progress.wait_for(trades)
+        achieved = (progress.settled - settled_before) / max(time.monotonic() - started, 1e-9)
+        window = subtract(lag_buckets(bench), before)
+        verified = bench.verify().ok if store != "null" else None
+    return {"name": name, "store": store, "shards": bench.shards, "rate": rate, "trades": trades,
+            "settled_per_s": achieved, "verified": verified, **summarize(window)}
