@@ -30,8 +30,12 @@ What the shard publishes and where (``shards/shard.py``):
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
+import threading
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -50,6 +54,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+_log = logging.getLogger("settle.metrics")
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                      30.0)
@@ -79,10 +85,38 @@ def new_registry(enabled: bool = True) -> CollectorRegistry:
     return registry
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> None:
-    """Serve ``/metrics`` on ``host:port`` (127.0.0.1 unless configured otherwise). Port 0 disables."""
-    if port and not isinstance(registry, _DisabledRegistry):
+def serve(registry: CollectorRegistry, host: str, port: int, *, wait_for_port: bool = False) -> None:
+    """Serve ``/metrics`` on ``host:port`` (127.0.0.1 unless configured otherwise). Port 0 disables.
+
+    ``wait_for_port``: while another process holds the port (a predecessor still draining after its
+    supervisor died), serve from a background thread once it is free instead of failing: a child must not
+    crash, and crash-loop the engine, over its metrics port.
+    """
+    if not port or isinstance(registry, _DisabledRegistry):
+        return
+    try:
         start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE or not wait_for_port:
+            raise
+        _log.warning("metrics port %s:%d is in use (a predecessor still draining?); serving once it is free",
+                     host, port)
+        threading.Thread(target=_serve_when_free, args=(registry, host, port), name="metrics-bind",
+                         daemon=True).start()
+
+
+def _serve_when_free(registry: CollectorRegistry, host: str, port: int) -> None:
+    while True:
+        time.sleep(0.5)
+        try:
+            start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                continue
+            _log.error("metrics on %s:%d: %s; not serving metrics", host, port, e)
+            return
+        _log.info("metrics served on %s:%d", host, port)
+        return
 
 
 # ------------------------------------------------------------------------------- no-op families

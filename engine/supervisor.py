@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -37,15 +38,30 @@ TICK_S: Final = 0.2
 log = logging.getLogger("settle.supervisor")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the supervisor dies, so no orphan holds a WAL."""
-    try:
-        import ctypes
+try:  # loaded in the parent: a child between fork and exec should not import or dlopen anything
+    import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """In the child before exec: get SIGTERM when the supervisor dies, so no orphan holds a WAL.
+
+    PR_SET_PDEATHSIG only covers a parent that dies after it is set. A supervisor killed between the fork
+    and this call leaves a child no signal will ever reach (``settle chaos`` found an orphaned router that
+    routed and quarantined everything twice for the rest of the run), so once the signal is armed the child
+    checks that its parent is still the supervisor, and leaves if not (prctl(2)).
+    """
+
+    def arm() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 @dataclass
@@ -143,7 +159,8 @@ class Supervisor:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 stderr = stack.enter_context(open(self.log_dir / f"{slot.name}.log", "ab"))
             slot.proc = subprocess.Popen([*slot.argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,),
-                                         stdin=subprocess.DEVNULL, stderr=stderr, preexec_fn=_die_with_parent)
+                                         stdin=subprocess.DEVNULL, stderr=stderr,
+                                         preexec_fn=_die_with_parent(os.getpid()))
         os.close(write_fd)
         if slot.pipe is not None:
             self._close_pipe(slot)

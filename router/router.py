@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("router")
     router = Router(config, Lifeline(args.ready_fd))
     if config.metrics.enabled:
-        metricsmod.serve(router.registry, config.metrics.host, config.metrics.router_port)
+        metricsmod.serve(router.registry, config.metrics.host, config.metrics.router_port, wait_for_port=True)
     terms = 0
 
     def on_term(signum: int, frame: object) -> None:

@@ -481,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     tune_gc()
     shard = Shard(config, args.shard, Lifeline(args.ready_fd))
     if config.metrics.enabled:
-        metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard)
+        metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard,
+                         wait_for_port=True)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     terms = 0

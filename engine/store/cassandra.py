@@ -185,9 +185,18 @@ def _prepare(session: Session, keyspace: str) -> _Statements:
     return _Statements(**prepared)
 
 
+def _host_errors(error: NoHostAvailable) -> dict[str, object]:
+    """``NoHostAvailable.errors`` maps host -> error, but when the control connection worked and every
+    connection pool failed (a node still starting, or overloaded) the driver passes a list of hosts."""
+    errors = error.errors
+    if isinstance(errors, dict):
+        return errors
+    return {str(host): "could not open a connection pool" for host in errors or ()}
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, NoHostAvailable) and error.errors:
-        reasons = "; ".join(f"{host}: {reason}" for host, reason in list(error.errors.items())[:3])
+        reasons = "; ".join(f"{host}: {reason}" for host, reason in list(_host_errors(error).items())[:3])
         return f"no host available ({reasons})"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
@@ -234,7 +243,8 @@ class CassandraStore:
         try:
             cluster, session = await asyncio.to_thread(_connect, config)
         except NoHostAvailable as e:
-            if e.errors and all(isinstance(r, AuthenticationFailed) for r in e.errors.values()):
+            errors = _host_errors(e)
+            if errors and all(isinstance(r, AuthenticationFailed) for r in errors.values()):
                 raise StoreUnavailable(
                     f"{where}: authentication failed for user {config.username!r}; check "
                     "store.cassandra.username and the password it reads"
