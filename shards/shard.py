@@ -76,6 +76,7 @@ class Shard:
         self.seq = Sequencer(config.wal.gap_buffer_max)
         self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
+        self._wal_lock = asyncio.Lock()  # the WAL's commit and checkpoint run on executor threads
         self._replayed: deque[list[Trade]] = deque()  # replies from the ME, accepted by intake
         self._settle_wakeup = asyncio.Event()
         self._intake_space = asyncio.Event()
@@ -357,7 +358,8 @@ class Shard:
         backoff = 0.01
         while True:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, wal.commit)
+                async with self._wal_lock:  # ShardWal is not thread-safe: commit and checkpoint never overlap
+                    await asyncio.get_running_loop().run_in_executor(None, wal.commit)
                 break
             except WalError as e:
                 # A full disk or an I/O error: nothing was acknowledged; keep the records and retry.
@@ -435,7 +437,8 @@ class Shard:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             self.lifeline.beat()
             settled = {s: st.settled for s, st in self.seq.symbols.items()}
-            await asyncio.get_running_loop().run_in_executor(None, self.wal.checkpoint, settled)
+            async with self._wal_lock:
+                await asyncio.get_running_loop().run_in_executor(None, self.wal.checkpoint, settled)
             self._publish_watermarks()
 
     def _publish_watermarks(self) -> None:
