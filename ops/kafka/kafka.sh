@@ -398,7 +398,13 @@ cmd_start() {
         if [[ -s "$dir/cluster.id" ]]; then
             cluster_id="$(cat "$dir/cluster.id")"
         else
-            cluster_id="$("$PYTHON" -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')"
+            # A leading '-' would be read as an option by kafka-storage (1 in 64 ids): draw again.
+            cluster_id="$("$PYTHON" -c 'import base64, uuid
+while True:
+    text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not text.startswith("-"):
+        print(text)
+        break')"
             echo "$cluster_id" >"$dir/cluster.id"
         fi
         if ! "$JAVA" "${opts[@]}" -cp "$LIB_DIR/*" kafka.tools.StorageTool format \
