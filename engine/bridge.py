@@ -45,6 +45,7 @@ from confluent_kafka.cimpl import NewTopic
 from prometheus_client import CollectorRegistry
 
 from engine import metrics as metricsmod
+from engine import security
 from engine.child import Lifeline, child_args, setup_logging
 from engine.config import Config
 from engine.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
@@ -263,6 +264,8 @@ class Bridge:
         sub.setsockopt(zmq.RCVHWM, self.config.router.rcvhwm)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # The bridge plays the router's part towards the ME: its keypair, its place in the ME's allow-list.
+        watch = security.load_keyring(self.config, "router").client(sub, self.config.me.publish, "me", "bridge->me")
         sub.connect(self.config.me.publish)
         # Created after the start points: it asks the ME for everything past them (its tail_wanted).
         self.gaps = GapFiller(self.config, BRIDGE_ID, self.seq, self.m,
@@ -274,6 +277,8 @@ class Bridge:
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self.gaps.run(), name="gaps"),
         ]
+        if watch is not None:
+            tasks.append(asyncio.create_task(watch.run(), name="curve-watch"))
         try:
             await self._stopping.wait()
         finally:
@@ -281,6 +286,8 @@ class Bridge:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             sub.close(0)
+            if watch is not None:
+                watch.close()
             self.gaps.close()
             await self._flush()
         if self._failure is not None:

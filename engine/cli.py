@@ -40,16 +40,25 @@ def _load(args: argparse.Namespace) -> configmod.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine import supervisor
+    from engine import affinity, preflight, supervisor
     from engine.child import setup_logging
 
     if args.source:
         args.set.append(f'engine.source="{args.source}"')
     config = _load(args)
     setup_logging("supervisor")
+    findings = preflight.check(config)
+    for finding in findings:
+        print(f"settle: {finding}", file=sys.stderr)
+    if preflight.has_errors(findings):
+        print("settle: not starting; fix the errors above", file=sys.stderr)
+        return EXIT_CONFIG
+    usable = affinity.usable_cores()
+    placement = affinity.plan(config, usable)
     print(f"settle: {config.shard_count} shards, source {config.engine.source}, store {config.store.kind}, "
           f"data in {config.data_path}, ME {config.me.publish}", file=sys.stderr)
-    return supervisor.run(config, Path(args.log_dir) if args.log_dir else None)
+    print(affinity.describe(placement, config.shard_count, usable, affinity.intake_slot(config)), file=sys.stderr)
+    return supervisor.run(config, Path(args.log_dir) if args.log_dir else None, placement=placement, usable=usable)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -62,6 +71,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
     from engine import mesim
 
     return mesim.main(args.sim_args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from engine.security import keys_main
+
+    return keys_main(args.keys_args)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
@@ -187,8 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sim)
     sub.add_parser("bench", help="benchmarks: settle against the design note's design and this machine's limits "
                    "(see `settle bench --help`)", add_help=False)
+    sub.add_parser("chaos", help="run the whole system under random faults and check every trade "
+                   "(see `settle chaos --help`)", add_help=False)
     sub.add_parser("bridge", help="Kafka mode: the ME's ZMQ stream into the topic (see `settle bridge --help`)",
                    add_help=False)
+
+    p = sub.add_parser("keys", help="CURVE keys for the ZMQ sockets (see `settle keys generate --help`)",
+                       add_help=False)
+    p.add_argument("keys_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("recover", help="offline: repair a shard's WAL and re-settle its pending records")
     _config_args(p)
@@ -233,10 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # `settle keys` owns its flags, --help included
+        from engine.security import keys_main
+
+        return keys_main(argv[1:])
     if argv[:1] == ["sim"]:  # the simulator owns its flags, --help included
         from engine import mesim
 
         return mesim.main(argv[1:])
+    if argv[:1] == ["chaos"]:  # so does the chaos suite
+        from engine import chaos
+
+        return chaos.main(argv[1:])
     if argv[:1] == ["bench"]:  # so do the benchmarks
         from bench.run import main as bench_main
 

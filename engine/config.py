@@ -11,12 +11,14 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from engine.affinity import CpuConfig
 from engine.errors import ConfigError
 from engine.kafka_config import KafkaConfig
+from engine.security import SecurityConfig
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -27,6 +29,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     shards: PositiveInt | Literal["auto"] = "auto"
     data_dir: str = "var"  # WALs, ipc sockets, quarantine files, logs; relative to the working directory
     fee_account: Annotated[int, msgspec.Meta(ge=0)] = 0
+    disk_free_bytes_min: Annotated[int, msgspec.Meta(ge=0)] = 1 << 30  # `settle run` refuses to start below; 0 = off
     source: Literal["zmq", "kafka"] = "zmq"  # zmq: router + WAL shards; kafka: consumer-group shards (docs/kafka.md)
 
 
@@ -108,6 +111,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     store: StoreConfig = StoreConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    security: SecurityConfig = SecurityConfig()
+    cpu: CpuConfig = CpuConfig()
     kafka: KafkaConfig = KafkaConfig()
 
     @property
@@ -147,9 +152,23 @@ def _value_at(raw: dict[str, Any], path: str) -> Any:
     return value
 
 
+IPC_PATH_MAX: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
+
+
+def _check_ipc_paths(config: Config, source: str) -> Config:
+    """A shard socket path past what a unix socket takes would only fail in the shard, as a crash loop."""
+    endpoint = config.shard_endpoint(max(0, config.shard_count - 1))
+    path = endpoint.removeprefix("ipc://")
+    if path != endpoint and len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise ConfigError(f"{source}: key 'engine.data_dir' has value {config.engine.data_dir!r}; the shard socket "
+                          f"{path} is longer than the {IPC_PATH_MAX} bytes a unix socket path may have: choose a "
+                          "shorter engine.data_dir, or router.transport = \"tcp\"")
+    return config
+
+
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     try:
-        return msgspec.convert(raw, Config)
+        return _check_ipc_paths(msgspec.convert(raw, Config), source)
     except msgspec.ValidationError as e:
         message = str(e)
         match = _PATH_RE.search(message)

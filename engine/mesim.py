@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine import hostile
+from engine import hostile, security
 from engine.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, ConfigError, SettleError
 from engine.melog import MeLog
 from engine.messages import (
@@ -176,6 +176,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     sndhwm: Annotated[int, msgspec.Meta(ge=0)] = 2_000_000
     timestamps: Literal["synthetic", "wall"] = "synthetic"  # "wall" = time.time_ns(), not reproducible
     hostile_every: Annotated[int, msgspec.Meta(ge=0)] = 0  # also send one hostile frame every N trades; 0 = off
+    curve_key: str | None = None  # the ME's secret key file: CURVE server on publish and replay
+    curve_allow: list[str] = []  # public key files of the clients it accepts (the router's, the shards')
 
 
 def sim_config(**values: Any) -> SimConfig:
@@ -347,6 +349,11 @@ class Simulator:
 
     def __init__(self, config: SimConfig) -> None:
         self.config = config = sim_config(**msgspec.structs.asdict(config))  # validated, whoever built it
+        own = allowed = None
+        if config.curve_key is not None:  # keys first: a bad file fails before anything is opened
+            own = security.load_secret(config.curve_key, "--curve-key")
+            allowed = security.load_allowed(("--curve-allow", path) for path in config.curve_allow)
+        self._guard: security.CurveServer | None = None
         self._log = MeLog(config.log_path)
         self._generator = TradeGenerator(config, self._log.output_sequence, self._log.latest)
         names = [m.symbol for m in self._generator.markets]
@@ -363,8 +370,12 @@ class Simulator:
             self._pub = self._ctx.socket(zmq.XPUB)
             self._pub.setsockopt(zmq.SNDHWM, config.sndhwm)
             self._pub.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe reaches us
-            self._pub.bind(config.publish)
             self._router = self._ctx.socket(zmq.ROUTER)
+            if own is not None and allowed is not None:
+                self._guard = security.CurveServer(self._ctx, own)
+                self._guard.secure(self._pub, "publish", allowed)
+                self._guard.secure(self._router, "replay", allowed)
+            self._pub.bind(config.publish)
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full peer queue raises, never drops
             self._router.bind(config.replay)
         except zmq.ZMQError as e:
@@ -401,6 +412,11 @@ class Simulator:
     @property
     def heartbeats(self) -> int:
         return self._counters.heartbeats
+
+    @property
+    def auth_rejected(self) -> dict[tuple[str, str], int]:
+        """(socket, reason) -> handshakes refused by CURVE (``--curve-key``)."""
+        return dict(self._guard.rejected) if self._guard is not None else {}
 
     @property
     def subscribers(self) -> int:
@@ -648,6 +664,9 @@ class Simulator:
             sock = getattr(self, name, None)
             if sock is not None:
                 sock.close(linger=200 if name == "_pub" else 0)
+        guard: security.CurveServer | None = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.close()
         self._ctx.term()
         self._log.close()
 
@@ -706,6 +725,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hostile-every", type=int, default=d.hostile_every,
                    help="also publish one malformed/hostile frame every N trades (not logged); 0 = off")
+    p.add_argument("--curve-key", default=d.curve_key, metavar="FILE",
+                   help="the ME's secret key file (settle keys generate): CURVE on publish and replay")
+    p.add_argument("--curve-allow", action="append", default=[], metavar="FILE",
+                   help="a client public key file to accept (repeatable: the router's, the shards')")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -736,6 +759,11 @@ class _SimCollector(Collector):
         yield CounterMetricFamily(
             "settle_sim_heartbeats_sent", "Heartbeats sent (one per symbol a round).", sim.heartbeats
         )
+        rejected = CounterMetricFamily("settle_sim_auth_rejected", "Handshakes refused by CURVE.",
+                                       labels=["socket", "reason"])
+        for (socket_name, reason), count in sim.auth_rejected.items():
+            rejected.add_metric([socket_name, reason], count)
+        yield rejected
         latest = GaugeMetricFamily("settle_sim_latest_seq", "Last logged seq per symbol.", labels=["symbol"])
         for symbol, seq in sim.latest.items():
             latest.add_metric([symbol], seq)

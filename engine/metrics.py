@@ -65,6 +65,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 # The reason labels known up front (created at zero). Others may appear (a signal's name, an ME error code).
 ROUTER_QUARANTINE_REASONS: Final = ("oversize", "malformed", "unknown_kind", "invalid", "unsound")
 SHARD_QUARANTINE_REASONS: Final = ("malformed", "unsound")
+AUTH_REJECT_REASONS: Final = ("unknown_key", "no_curve", "bad_crypto", "protocol", "incomplete")  # security.py
 REPLAY_REJECT_REASONS: Final = ("timeout", "unreachable", "malformed", "stale", "wrong_symbol", "hole")
 RESTART_REASONS: Final = ("exit", "hung", "signal_SIGKILL", "signal_SIGSEGV", "signal_SIGABRT",
                           "signal_SIGTERM")
@@ -386,6 +387,11 @@ class ShardMetrics:
                                          ["shard", "reason"])
         for reason in REPLAY_REJECT_REASONS:
             self.replay_rejected.labels(s, reason)
+        self.auth_rejected = f.counter("settle_auth_rejected_total",
+                                       "Handshakes refused on a CURVE server socket, by socket and reason",
+                                       ["socket", "reason"])
+        for reason in AUTH_REJECT_REASONS:
+            self.auth_rejected.labels(f"shard-{shard}", reason)
         self.ready = gauge("settle_shard_ready", "1 once recovery is done and the shard takes trades")
         self.recovered = counter("settle_recovered_trades_total", "WAL records re-settled at start-up")
         if wal_dir is not None:

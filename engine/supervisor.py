@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from engine import affinity
 from engine import metrics as metricsmod
 from engine.config import Config, dump
 from engine.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_OK, EXIT_WAL_CORRUPT
@@ -85,8 +86,11 @@ class Halt(Exception):
 
 
 class Supervisor:
-    def __init__(self, config: Config, config_json: Path, log_dir: Path | None = None) -> None:
+    def __init__(self, config: Config, config_json: Path, log_dir: Path | None = None, *,
+                 placement: dict[str, int] | None = None, usable: list[int] | None = None) -> None:
         self.config = config
+        self.placement = placement or {}  # slot -> core (engine.affinity.plan)
+        self.usable = usable if usable is not None else affinity.usable_cores()
         self.config_json = config_json
         self.log_dir = log_dir
         self.registry = metricsmod.new_registry(config.metrics.enabled)
@@ -160,7 +164,9 @@ class Supervisor:
                 stderr = stack.enter_context(open(self.log_dir / f"{slot.name}.log", "ab"))
             slot.proc = subprocess.Popen([*slot.argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,),
                                          stdin=subprocess.DEVNULL, stderr=stderr,
-                                         preexec_fn=_die_with_parent(os.getpid()))
+                                         preexec_fn=affinity.pin_before_exec(
+                                             affinity.cpus_for(self.placement, slot.name, self.usable),
+                                             then=_die_with_parent(os.getpid())))
         os.close(write_fd)
         if slot.pipe is not None:
             self._close_pipe(slot)
@@ -343,9 +349,14 @@ def prepare_run_dir(config: Config) -> Path:
     return path
 
 
-def run(config: Config, log_dir: Path | None = None) -> int:
+def run(config: Config, log_dir: Path | None = None, *, placement: dict[str, int] | None = None,
+        usable: list[int] | None = None) -> int:
+    usable = usable if usable is not None else affinity.usable_cores()  # before the supervisor pins itself
+    placement = placement if placement is not None else affinity.plan(config, usable)
     config_json = prepare_run_dir(config)
-    supervisor = Supervisor(config, config_json, log_dir)
+    supervisor = Supervisor(config, config_json, log_dir, placement=placement, usable=usable)
+    if "supervisor" in placement:
+        affinity.apply(placement["supervisor"])  # before any thread (metrics) starts: they inherit it
     supervisor.install_signals()
     if config.metrics.enabled:
         metricsmod.serve(supervisor.registry, config.metrics.host, config.metrics.supervisor_port)

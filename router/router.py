@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from collections import deque
 from typing import Final
@@ -20,8 +21,10 @@ import msgspec
 import zmq
 
 from engine import metrics as metricsmod
+from engine import security
 from engine.child import Lifeline, child_args, load_child_config, setup_logging
 from engine.config import Config
+from engine.errors import EXIT_CONFIG, ConfigError
 from engine.messages import Heartbeat, StreamMessage, check_trade, stream_decoder
 from engine.placement import shard_for
 from engine.quarantine import Quarantine
@@ -67,6 +70,8 @@ class Router:
         self.lifeline = lifeline or Lifeline(None)
         self.registry = metricsmod.new_registry(config.metrics.enabled)
         self.m = metricsmod.RouterMetrics(self.registry)
+        self.keys = security.load_keyring(config, "router")  # CURVE on tcp:// when security.curve; else no-ops
+        self.watches: list[security.ClientWatch] = []  # bring a CURVE connection back after a fatal handshake
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, config.router.rcvhwm)
@@ -77,6 +82,7 @@ class Router:
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, 100_000)
             push.setsockopt(zmq.LINGER, 2000)
+            self._watch(self.keys.client(push, config.shard_endpoint(shard), "shard", f"router->shard-{shard}"))
             push.connect(config.shard_endpoint(shard))
             self.pushes.append(push)
         self.queues: list[deque[bytes]] = [deque() for _ in range(self.shards)]
@@ -86,6 +92,10 @@ class Router:
         self._dropped = [self.m.dropped.labels(str(s)) for s in range(self.shards)]
         self._depth = [self.m.queue_depth.labels(str(s)) for s in range(self.shards)]
         self.stopping = False
+
+    def _watch(self, watch: security.ClientWatch | None) -> None:
+        if watch is not None:
+            self.watches.append(watch)
 
     def shard_of(self, symbol: str) -> int:
         shard = self._placement.get(symbol)
@@ -128,6 +138,7 @@ class Router:
             self._depth[shard].set(len(queue))
 
     def run(self) -> None:
+        self._watch(self.keys.client(self.sub, self.config.me.publish, "me", "router->me"))
         self.sub.connect(self.config.me.publish)
         self.lifeline.ready()
         decoder = stream_decoder()
@@ -153,6 +164,8 @@ class Router:
             now = time.monotonic()
             if now >= next_beat:
                 self.lifeline.beat()
+                for watch in self.watches:
+                    watch.reconnect_if_due()
                 for shard, queue in enumerate(self.queues):
                     self._depth[shard].set(len(queue))
                 next_beat = now + BEAT_INTERVAL_S
@@ -168,6 +181,8 @@ class Router:
         for push in self.pushes:
             push.close(linger=2000)
         self.quarantine.close()
+        for watch in self.watches:
+            watch.close()
         self.ctx.term()
 
 
@@ -175,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     args = child_args("settle router process (started by the supervisor)", argv, shard=False)
     config = load_child_config(args)
     setup_logging("router")
-    router = Router(config, Lifeline(args.ready_fd))
+    try:
+        router = Router(config, Lifeline(args.ready_fd))
+    except ConfigError as e:  # a missing or bad key file: halt the supervisor instead of crash-looping
+        print(f"settle router: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if config.metrics.enabled:
         metricsmod.serve(router.registry, config.metrics.host, config.metrics.router_port, wait_for_port=True)
     terms = 0

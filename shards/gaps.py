@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter
 
+from engine import security
 from engine.config import Config
 from engine.messages import (
     ReplayChunk,
@@ -80,6 +81,8 @@ class GapFiller:
         self._seq = sequencer
         self._m = m
         self._deliver = deliver
+        self._keys = security.load_keyring(config, "shard")  # CURVE client of the ME's replay on tcp://
+        self._watch: security.ClientWatch | None = None
         self._requests: dict[int, _Request] = {}
         self._by_symbol: dict[str, int] = {}
         self._backoff: dict[str, _Backoff] = {}
@@ -93,10 +96,13 @@ class GapFiller:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # do not queue requests for an ME that is not connected
         sock.setsockopt(zmq.RCVHWM, 0)
+        self._watch = self._keys.client(sock, self._config.me.replay, "me", f"shard-{self._shard}->me-replay")
         sock.connect(self._config.me.replay)
         receiver = asyncio.create_task(self._receive(sock))
         try:
             while True:
+                if self._watch is not None:
+                    self._watch.reconnect_if_due()
                 await self._send_due(sock)
                 self._expire()
                 await asyncio.sleep(TICK_S)
@@ -106,6 +112,9 @@ class GapFiller:
                 await receiver
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None

@@ -31,6 +31,7 @@ import zmq
 import zmq.asyncio
 
 from engine import metrics as metricsmod
+from engine import security
 from engine.child import Lifeline, child_args, load_child_config, setup_logging
 from engine.config import Config
 from engine.errors import (
@@ -240,6 +241,10 @@ class Shard:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        # Over tcp:// the PULL is a CURVE server that accepts only security.allowed_clients (the router).
+        guard = security.load_keyring(self.config, "shard").guard(
+            ctx, sock, endpoint, f"shard-{self.shard}",
+            on_reject=lambda name, reason: self.m.auth_rejected.labels(name, reason).inc())
         sock.bind(endpoint)
         self.gaps = GapFiller(self.config, self.shard, self.seq, self.m, self._replayed.append)
         self.m.ready.set(1)
@@ -258,6 +263,8 @@ class Shard:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             sock.close(0)
+            if guard is not None:
+                guard.close()
             await self.close()
 
     def stop(self) -> None:

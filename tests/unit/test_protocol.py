@@ -86,6 +86,8 @@ CLI = {
     "demo": ["--trades", "--shards", "--rate", "--symbols", "--accounts", "--seed", "--data-dir", "--store",
              "--config", "--set", "--timeout", "--help"],
     "sim": [],
+    "keys": [],
+    "chaos": [],
     "bridge": [],
     "bench": [],
     "recover": ["--config", "--set", "--shard", "--from-store", "--repair-corruption", "--help"],

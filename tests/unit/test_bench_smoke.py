@@ -1,0 +1,83 @@
+"""``settle bench --quick`` runs every scenario on the embedded store and writes well-formed results.
+
+No speed is asserted anywhere: the figures of a quick run on a shared machine mean nothing. What is
+checked is that each scenario ran, that every settled run verified, and that the JSON has the shape
+``docs/performance.md`` and the charts are built from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("machine", "limits", "baseline", "throughput", "demo", "latency", "recovery", "memory",
+            "targets", "summary", "errors", "scenario_seconds")
+
+
+def _finite_numbers(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return True
+
+
+def test_quick_bench_writes_well_formed_json(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    work = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))  # short: the shards' unix sockets live under it
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--store", "embedded", "--out", str(out), "--work-dir", str(work)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    results = json.loads((out / "bench.json").read_text())  # strict JSON: NaN would not parse back out
+    assert set(SECTIONS) <= set(results), sorted(set(SECTIONS) - set(results))
+    assert results["errors"] == {}
+    assert results["quick"] is True
+    assert _finite_numbers(results)
+
+    limits = results["limits"]
+    for key in ("fdatasync_per_s", "fsync_per_s", "group_commit_mb_per_s", "zmq_push_pull_msgs_per_s"):
+        assert limits[key] > 0, key
+
+    runs = results["baseline"]["runs"] + results["throughput"]["runs"] + results["demo"]["runs"]
+    assert {r["store"] for r in runs} == {"embedded", "null"}
+    for run in runs:
+        assert run["trades_per_s"] > 0, run
+        assert run["verified"] is (None if run["store"] == "null" else True), run
+    assert results["demo"]["group_commit_vs_fsync_per_trade"] > 0
+
+    for level in results["latency"]["runs"]:
+        assert level["verified"] is True
+        assert level["count"] > 0
+        assert level["p50_ms"] <= level["p99_ms"] <= level["p999_ms"]
+        assert level["buckets"][-1][0] is None  # +Inf, written as null
+    assert {level["fraction"] for level in results["latency"]["runs"]} == {0.5, 0.9}
+
+    (resettle,) = results["recovery"]["resettle"]
+    assert resettle["complete"] is True
+    assert resettle["recovered"] == resettle["records"]
+    (kill,) = results["recovery"]["kill"]
+    assert kill["verified"] is True
+    assert kill["settling_again_s"] is not None
+
+    memory = results["memory"]
+    assert memory["verified"] is True
+    assert {"router", "shard-0", "shard-1", "supervisor"} <= set(memory["processes"])
+
+    names = {t["target"] for t in results["targets"]}
+    assert any(n.startswith("throughput vs design note") for n in names)
+    assert "router + WAL path vs raw pyzmq" in names
+    assert all(t["met"] in (True, False) for t in results["targets"])
+    for chart in ("throughput.png", "latency.png", "memory.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
