@@ -111,6 +111,24 @@ def render(results: dict[str, Any], doc_dir: Path, out_dir: Path) -> str:
             [k["store"], f"{k['rate']:,.0f}/s", _num(k["ready_again_s"], 2), _num(k["settling_again_s"], 2),
              _num(k["verified"])] for k in rec.get("kill", [])])
 
+    rep = results.get("replay", {})
+    if rep.get("lost"):
+        lines += ["### Gap replay", "",
+                  f"Lost trades (`settle sim --drop`): ME execution to store commit of the trades that came by "
+                  f"replay (`settle_replay_lag_seconds`), against all trades (`settle_lag_seconds`). Gap grace "
+                  f"{rep['gap_grace_ms']:.0f} ms; requests of up to {rep['request_trades_max']:,} trades.", ""]
+        lines += _table(["run", "trades/s per symbol", "heartbeat ms", "lost", "replayed lag p50 ms",
+                         "replayed lag p99 ms", "all trades p99 ms", "verified"], [
+            [r["name"], _num(r["per_symbol_per_s"], 1), _num(r["heartbeat_ms"]), _num(r["lost"]),
+             _num(r["replay_p50_ms"], 1), _num(r["replay_p99_ms"], 1), _num(r["all_p99_ms"], 1),
+             _num(r["verified"])] for r in rep["lost"]])
+        c = rep.get("catch_up")
+        if c:
+            lines += [f"Catching up by replay: a fresh engine (2 shards, empty WAL and store) replayed and settled "
+                      f"{c['trades']:,} trades in {c['seconds']:.2f} s from ready: **{c['trades_per_s']:,.0f} "
+                      f"trades/s**; the ME serves replay to one client at {c['raw_me_replay_per_s']:,.0f} trades/s "
+                      f"(verified: {_num(c['verified'])}).", ""]
+
     mem = results.get("memory", {})
     if mem.get("processes"):
         lines += [f"### Memory: {mem['trades']:,} trades at {mem['rate']:,.0f}/s "

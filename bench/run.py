@@ -11,6 +11,8 @@ Scenarios (``--only`` picks some; each one's failure is recorded and the run goe
                 against the default; Cassandra's start-up time
 ``latency``     ME timestamp to store commit, p50/p99/p99.9, at 50% and 90% of the maximum rate
 ``recovery``    re-settling 1M pending WAL records; a SIGKILLed shard settling again under load
+``replay``      lost trades (``settle sim --drop``): their time to settlement by replay, busy and quiet
+                symbols, two heartbeat intervals; a fresh engine catching up 500k trades by replay
 ``memory``      RSS of every process over a long run (10M trades)
 ``others``      ``bench.metrics_cost`` and ``bench.kafka_vs_zmq``, when present (full runs only)
 
@@ -38,7 +40,8 @@ from typing import Any
 
 from bench.common import RESULTS, clean_json, disk_of, machine, table
 
-SCENARIOS = ("limits", "baseline", "throughput", "demo", "cassandra", "latency", "recovery", "memory", "others")
+SCENARIOS = ("limits", "baseline", "throughput", "demo", "cassandra", "latency", "recovery", "replay", "memory",
+             "others")
 STORES = ("embedded", "cassandra")
 
 
@@ -290,6 +293,16 @@ class Run:
             print(table([k], ["store", "rate", "ready_again_s", "settling_again_s", "verified"]))
             self.save()
 
+    def replay(self) -> None:
+        from bench.replay import run_all
+
+        store = "embedded" if "embedded" in self.stores else self.stores[0]
+        r = run_all(quick=self.args.quick, store=store, cassandra=self.target_for(store), work_dir=self.work_dir)
+        self.results["replay"] = r
+        for run in r["lost"]:
+            self.verified(run["verified"], run["name"])
+        self.verified(r["catch_up"]["verified"], "replay-catch-up")
+
     def memory(self) -> None:
         from bench.memory import run_memory
 
@@ -456,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         run.scenario("cassandra", run.cassandra_store)
         run.scenario("latency", run.latency)
         run.scenario("recovery", run.recovery)
+        run.scenario("replay", run.replay)
         run.scenario("memory", run.memory)
         run.scenario("others", run.others)
     finally:

@@ -245,11 +245,12 @@ class Bench:
         return int(sum(metric_sum(scrape(url), "settle_trades_settled_total") for url in self.shard_metrics_urls()))
 
     def start_publisher(self, kind: str, trades: int, *, rate: float = 0, symbols: int = 16, accounts: int = 1000,
-                        seed: int = 1) -> None:
+                        seed: int = 1, extra: list[str] | None = None) -> None:
+        """``extra``: more ``settle sim`` arguments (the ``sim`` publisher only)."""
         self.publisher_kind = kind
         cfg = self.system.config
         if kind == "sim":
-            self.system.start_sim(trades, rate=int(rate), seed=seed, symbols=symbols, accounts=accounts)
+            self.system.start_sim(trades, rate=int(rate), seed=seed, symbols=symbols, accounts=accounts, extra=extra)
             self.publisher = self.system.sim
             return
         assert kind == "blast", kind

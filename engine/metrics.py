@@ -22,6 +22,7 @@ What the shard publishes and where (``shards/shard.py``):
 ``settle_me_latest_seq``               per symbol, the ME's latest sequence (heartbeats, trades);
                                        lag in trades is ``settle_me_latest_seq - settle_watermark_seq``
 ``settle_lag_seconds``                 ME execution time to store commit, per trade
+``settle_replay_lag_seconds``          the same, for the trades that came by replay (lost on the way)
 ``settle_wal_*``                       group commit, WAL size, the WAL disk (read at scrape time)
 ``settle_store_*``                     store batches: latency, size, in flight, errors
 ``settle_gap*``, ``settle_replay*``    gap detection and replay from the ME
@@ -361,6 +362,9 @@ class ShardMetrics:
                                  "The ME's latest sequence per symbol, from heartbeats and trades",
                                  ["shard", "symbol"])
         self.settle_lag = f.hot_histogram("settle_lag_seconds", "ME execution time to store commit, per trade",
+                                          {"shard": s}, LATENCY_BUCKETS_S)
+        self.replay_lag = f.hot_histogram("settle_replay_lag_seconds",
+                                          "ME execution time to store commit, for trades that came by replay",
                                           {"shard": s}, LATENCY_BUCKETS_S)
         self.fsync = histogram("settle_wal_fsync_seconds", "WAL group commit: write and fdatasync",
                                FSYNC_BUCKETS_S)

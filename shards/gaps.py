@@ -85,6 +85,7 @@ class GapFiller:
         self._watch: security.ClientWatch | None = None
         self._requests: dict[int, _Request] = {}
         self._by_symbol: dict[str, int] = {}
+        self._delivered: dict[str, tuple[int, int]] = {}  # symbol -> (last seq delivered, forget after; ns)
         self._backoff: dict[str, _Backoff] = {}
         self._next_id = 1
         self._sock: zmq.asyncio.Socket | None = None
@@ -132,11 +133,26 @@ class GapFiller:
             gap = st.gap
             if gap is not None and now_ns - st.gap_since_ns >= GAP_GRACE_NS:
                 first, last = gap
-                out.append((st.symbol, first, min(last, first + REQUEST_TRADES_MAX - 1)))
+                first = self._past_delivered(st.symbol, first, now_ns)
+                if first <= last:
+                    out.append((st.symbol, first, min(last, first + REQUEST_TRADES_MAX - 1)))
             elif st.symbol in self.tail_wanted:
-                first = st.accepted + 1
+                first = self._past_delivered(st.symbol, st.accepted + 1, now_ns)
                 out.append((st.symbol, first, first + REQUEST_TRADES_MAX - 1))
         return out
+
+    def _past_delivered(self, symbol: str, first: int, now_ns: int) -> int:
+        """``first``, or past what was delivered for ``symbol`` and not accepted yet: the shard accepts
+        replayed trades between its group commits, and asking again for them would fetch them twice. A
+        mark older than ``REPLY_TIMEOUT_S`` is forgotten, so a delivery the shard never took is asked again."""
+        mark = self._delivered.get(symbol)
+        if mark is None:
+            return first
+        seq, until_ns = mark
+        if seq < first or now_ns > until_ns:
+            del self._delivered[symbol]
+            return first
+        return seq + 1
 
     async def _send_due(self, sock: zmq.asyncio.Socket) -> None:
         now = time.monotonic()
@@ -206,6 +222,8 @@ class GapFiller:
                         request.next_seq = trades[-1].seq + 1
                         request.deadline = time.monotonic() + REPLY_TIMEOUT_S
                         self._m.replayed.inc(len(trades))
+                        self._delivered[request.symbol] = (trades[-1].seq,
+                                                           time.monotonic_ns() + int(REPLY_TIMEOUT_S * 1e9))
                         self._deliver(trades)
                 case ReplayEnd(last_seq=last_seq):
                     self._finish(request)

@@ -79,6 +79,9 @@ class Shard:
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
         self._wal_lock = asyncio.Lock()  # the WAL's commit and checkpoint run on executor threads
         self._replayed: deque[list[Trade]] = deque()  # replies from the ME, accepted by intake
+        # symbol -> (first, last) sequence ranges that arrived by replay and are not settled yet: their trades
+        # are also observed into settle_replay_lag_seconds (how long a lost trade took to reach the store)
+        self._replay_ranges: dict[str, list[tuple[int, int]]] = {}
         self._settle_wakeup = asyncio.Event()
         self._intake_space = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -299,8 +302,11 @@ class Shard:
                     await self._group_commit()
                 while self._replayed:
                     replayed = self._replayed.popleft()
-                    if replayed and not wal.buffered:
-                        first_at = time.monotonic()
+                    if replayed:
+                        if not wal.buffered:
+                            first_at = time.monotonic()
+                        self._replay_ranges.setdefault(replayed[0].symbol, []).append(
+                            (replayed[0].seq, replayed[-1].seq))
                     for trade in replayed:
                         self._accept(trade)
                 if len(self.unsettled) + wal.buffered >= pending_max and not stopping:
@@ -414,7 +420,25 @@ class Shard:
             st = self.seq.state(symbol)
             st.settled = max(st.settled, seq)
             st.accepted = max(st.accepted, seq)
+        if self._replay_ranges:
+            self._observe_replayed(trades, now_ns)
         self.m.settled.inc(len(trades))
+
+    def _observe_replayed(self, trades: list[Trade], now_ns: int) -> None:
+        """The lag of the trades of ``trades`` that came by replay; forget the ranges now settled."""
+        ranges = self._replay_ranges
+        lag = self.m.replay_lag
+        for trade in trades:
+            spans = ranges.get(trade.symbol)
+            if spans and any(first <= trade.seq <= last for first, last in spans):
+                lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
+        for symbol in [sym for sym in ranges if sym in self.seq.symbols]:
+            settled = self.seq.symbols[symbol].settled
+            kept = [(first, last) for first, last in ranges[symbol] if last > settled]
+            if kept:
+                ranges[symbol] = kept
+            else:
+                del ranges[symbol]
 
     async def _prepare(self, trades: list[Trade]) -> Batch:
         assert self.settler is not None

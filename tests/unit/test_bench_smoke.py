@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("machine", "limits", "baseline", "throughput", "demo", "latency", "recovery", "memory",
+SECTIONS = ("machine", "limits", "baseline", "throughput", "demo", "latency", "recovery", "replay", "memory",
             "targets", "summary", "errors", "scenario_seconds")
 
 
@@ -70,6 +70,15 @@ def test_quick_bench_writes_well_formed_json(tmp_path: Path) -> None:
     (kill,) = results["recovery"]["kill"]
     assert kill["verified"] is True
     assert kill["settling_again_s"] is not None
+
+    replay = results["replay"]
+    assert {r["heartbeat_ms"] for r in replay["lost"]} == {100, 500}
+    for run in replay["lost"]:
+        assert run["verified"] is True, run
+        assert run["lost"] > 0, run
+        assert run["replay_lag_count"] >= run["lost"], run  # every lost trade came by replay
+    assert replay["catch_up"]["verified"] is True
+    assert replay["catch_up"]["replayed"] == replay["catch_up"]["trades"]  # each asked for once
 
     memory = results["memory"]
     assert memory["verified"] is True
