@@ -34,8 +34,8 @@ from typing import Any
 from bench.common import table, write_json
 from engine.checker import CheckReport
 from engine.kafka_testbed import KafkaSystem
+from engine.servers import KafkaServer
 from engine.testbed import System
-from tests.servers.kafka import KafkaServer
 
 SHARDS = 2
 SYMBOLS = 16

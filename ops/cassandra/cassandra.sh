@@ -50,154 +50,33 @@
 # Exit codes: 0 ok, 1 failure (start prints the log tail), 2 usage, 3 status: not running.
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
-CACHE_DIR="${SETTLE_CACHE:-$REPO_ROOT/.cache}/cassandra"
-LIB_DIR="$CACHE_DIR/lib"
-MARKER="$LIB_DIR/.complete"
-CDS_ARCHIVE="$CACHE_DIR/cassandra.jsa"
+SERVICE=cassandra
+GROUP_ID=org.apache.cassandra
+ARTIFACT_ID=cassandra-all
+VERSION_PIN="${CASSANDRA_VERSION:-}"
 CANDIDATE_VERSIONS="${CASSANDRA_VERSION:-5.0.9 5.0.8 5.0.7 5.0.6 5.0.5 5.0.4}"
-HOST=127.0.0.1
-PYTHON="${PYTHON:-python3}"
-if [[ -n "${JAVA:-}" ]]; then
-    :
-elif [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
-    JAVA="$JAVA_HOME/bin/java"
-else
-    JAVA=java
-fi
+MAIN_CLASS=CassandraDaemon
+STOP_TIMEOUT="${CASSANDRA_STOP_TIMEOUT:-60}"
+LOG_FILES=(system.log stdout.log)
+# shellcheck source=../lib/jvm-service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/jvm-service.sh"
+CDS_ARCHIVE="$CACHE_DIR/cassandra.jsa"
 
-die() { echo "cassandra.sh: $*" >&2; exit 1; }
-log() { echo "cassandra.sh: $*" >&2; }
+after_fetch() { rm -f "$CDS_ARCHIVE"; }  # an archive of the old jars' classes is useless
 
-usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
-
-# ---------------------------------------------------------------------------------------------- fetch
-
-write_pom() {  # $1 = dir, $2 = version
-    cat >"$1/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>settle.ops</groupId>
-  <artifactId>cassandra-runtime</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.cassandra</groupId>
-      <artifactId>cassandra-all</artifactId>
-      <version>$2</version>
-    </dependency>
-  </dependencies>
-</project>
-EOF
-}
-
-# Is a complete download there (of CASSANDRA_VERSION, when that is set)?
-fetched() {
-    [[ -f "$MARKER" ]] && [[ -z "${CASSANDRA_VERSION:-}" || "$(cat "$MARKER")" == "$CASSANDRA_VERSION" ]]
-}
-
-fetch_locked() {
-    if fetched; then
-        return 0
-    fi
-    command -v mvn >/dev/null || die "fetch: mvn (Maven) is not on PATH"
-    local build="$CACHE_DIR/fetch" tmp_lib="$CACHE_DIR/lib.tmp" version started=$SECONDS
-    mkdir -p "$build"
-    for version in $CANDIDATE_VERSIONS; do
-        rm -rf "$tmp_lib"
-        write_pom "$build" "$version"
-        log "fetch: resolving org.apache.cassandra:cassandra-all:$version and its runtime dependencies"
-        if mvn -B -q -f "$build/pom.xml" dependency:copy-dependencies \
-            -DincludeScope=runtime -DoutputDirectory="$tmp_lib" >"$build/mvn.log" 2>&1; then
-            if [[ -f "$tmp_lib/cassandra-all-$version.jar" ]]; then
-                echo "$version" >"$tmp_lib/.complete"
-                rm -rf "$LIB_DIR" "$CDS_ARCHIVE"
-                mv "$tmp_lib" "$LIB_DIR"
-                local jars=("$LIB_DIR"/*.jar)
-                log "fetch: cassandra $version, ${#jars[@]} jars in $LIB_DIR ($((SECONDS - started)) s)"
-                return 0
-            fi
-        fi
-        log "fetch: cassandra-all $version did not resolve:"
-        grep -E 'ERROR|error:' "$build/mvn.log" | head -5 >&2 || tail -5 "$build/mvn.log" >&2
-    done
-    rm -rf "$tmp_lib"
-    die "fetch: none of [$CANDIDATE_VERSIONS] could be downloaded (full log: $build/mvn.log)"
-}
-
-cmd_fetch() {
-    mkdir -p "$CACHE_DIR"
-    if fetched; then
-        return 0
-    fi
-    # Several test workers may fetch at once: one downloads, the others wait for it.
-    exec 9>"$CACHE_DIR/.fetch.lock"
-    flock 9
-    fetch_locked
-    exec 9>&-
-}
-
-installed_version() { cat "$MARKER"; }
-
-# --------------------------------------------------------------------------------------------- helpers
-
-# Is PID a live Cassandra JVM? A zombie counts as gone (PID 1 may be slow or never reap it), and
-# so does a recycled pid that is not a CassandraDaemon.
-alive() {
-    local pid="$1" state cmdline
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    state="$(ps -o stat= -p "$pid" 2>/dev/null || true)"
-    [[ -n "$state" && "$state" != Z* ]] || return 1
-    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
-    [[ "$cmdline" == *CassandraDaemon* ]]
-}
-
-read_pid() {
-    if [[ -f "$1/cassandra.pid" ]]; then cat "$1/cassandra.pid"; fi
-}
-
-port_free() {  # can we listen on 127.0.0.1:$1 ? (SO_REUSEADDR like the JVM: TIME_WAIT is no obstacle)
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
-
-free_ports() {  # print N distinct free ports
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
-log_tail() {
+# A clean exit of a CDS-recording run leaves an archive: publish it for the next starts.
+after_stop() {
     local dir="$1"
-    for f in "$dir/logs/system.log" "$dir/logs/stdout.log"; do
-        if [[ -s "$f" ]]; then
-            echo "----- last lines of $f -----" >&2
-            tail -n 40 "$f" >&2
+    if [[ -s "$dir/cassandra.jsa.tmp" ]]; then
+        if [[ ! -s "$CDS_ARCHIVE" ]]; then
+            mv -f "$dir/cassandra.jsa.tmp" "$CDS_ARCHIVE.$$" && mv -f "$CDS_ARCHIVE.$$" "$CDS_ARCHIVE"
+        else
+            rm -f "$dir/cassandra.jsa.tmp"
         fi
-    done
+    fi
 }
+
+describe_running() { echo "CQL $HOST:$(cat "$1/cql.port" 2>/dev/null)"; }
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -493,57 +372,4 @@ cmd_start() {
     echo "cassandra $release (jars $version) pid $pid listening on $HOST cql=$cql storage=$storage jmx=$jmx; ready in ${elapsed} s"
 }
 
-# ------------------------------------------------------------------------------------------ stop/status
-
-cmd_stop() {
-    [[ $# -eq 1 ]] || usage
-    local dir="$1" pid timeout="${CASSANDRA_STOP_TIMEOUT:-60}"
-    pid="$(read_pid "$dir")"
-    if ! alive "$pid"; then
-        echo "cassandra not running (data dir $dir)"
-        rm -f "$dir/cassandra.pid"
-        return 0
-    fi
-    kill -TERM "$pid" 2>/dev/null || true
-    local waited=0
-    while alive "$pid"; do
-        if (( waited >= timeout * 10 )); then
-            log "stop: pid $pid still alive after ${timeout} s, sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            waited=0
-            timeout=30
-        fi
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    rm -f "$dir/cassandra.pid"
-    # A clean exit of a CDS-recording run leaves an archive: publish it for the next starts.
-    if [[ -s "$dir/cassandra.jsa.tmp" ]]; then
-        if [[ ! -s "$CDS_ARCHIVE" ]]; then
-            mv -f "$dir/cassandra.jsa.tmp" "$CDS_ARCHIVE.$$" && mv -f "$CDS_ARCHIVE.$$" "$CDS_ARCHIVE"
-        else
-            rm -f "$dir/cassandra.jsa.tmp"
-        fi
-    fi
-    echo "cassandra stopped (pid $pid)"
-}
-
-cmd_status() {
-    [[ $# -eq 1 ]] || usage
-    local dir="$1" pid
-    pid="$(read_pid "$dir")"
-    if alive "$pid"; then
-        echo "cassandra running: pid $pid, CQL $HOST:$(cat "$dir/cql.port" 2>/dev/null)"
-    else
-        echo "cassandra not running (data dir $dir)"
-        return 3
-    fi
-}
-
-case "${1:-}" in
-    fetch) shift; cmd_fetch "$@"; echo "cassandra jars $(installed_version) in $LIB_DIR" ;;
-    start) shift; cmd_start "$@" ;;
-    stop) shift; cmd_stop "$@" ;;
-    status) shift; cmd_status "$@" ;;
-    *) usage ;;
-esac
+dispatch "$@"

@@ -43,48 +43,21 @@
 # Exit codes: 0 ok, 1 failure (start prints the log tail), 2 usage, 3 status: not running.
 set -euo pipefail
 
-SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
-CACHE_DIR="${SETTLE_CACHE:-$REPO_ROOT/.cache}/kafka"
-LIB_DIR="$CACHE_DIR/lib"
-MARKER="$LIB_DIR/.complete"
+SERVICE=kafka
+GROUP_ID=org.apache.kafka
+ARTIFACT_ID=kafka_2.13
+VERSION_PIN="${KAFKA_VERSION:-}"
 CANDIDATE_VERSIONS="${KAFKA_VERSION:-4.4.0 4.3.1 4.2.0 4.1.1 4.0.2}"
+MAIN_CLASS=kafka.Kafka
+STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
+LOG_FILES=(server.log stdout.log)
 LOG4J_VERSION=2.25.5
 SLF4J_VERSION=2.0.17
-HOST=127.0.0.1
-PYTHON="${PYTHON:-python3}"
-if [[ -n "${JAVA:-}" ]]; then
-    :
-elif [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
-    JAVA="$JAVA_HOME/bin/java"
-else
-    JAVA=java
-fi
+# shellcheck source=../lib/jvm-service.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/jvm-service.sh"
 
-die() { echo "kafka.sh: $*" >&2; exit 1; }
-log() { echo "kafka.sh: $*" >&2; }
-
-usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit 2
-}
-
-# ---------------------------------------------------------------------------------------------- fetch
-
-write_pom() {  # $1 = dir, $2 = version
-    cat >"$1/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>settle.ops</groupId>
-  <artifactId>kafka-runtime</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.kafka</groupId>
-      <artifactId>kafka_2.13</artifactId>
-      <version>$2</version>
-    </dependency>
+extra_dependencies() {  # an SLF4J binding: the broker logs through log4j2 (see the header)
+    cat <<EOF
     <dependency>
       <groupId>org.apache.logging.log4j</groupId>
       <artifactId>log4j-slf4j2-impl</artifactId>
@@ -95,111 +68,10 @@ write_pom() {  # $1 = dir, $2 = version
       <artifactId>slf4j-api</artifactId>
       <version>$SLF4J_VERSION</version>
     </dependency>
-  </dependencies>
-</project>
 EOF
 }
 
-fetched() {
-    [[ -f "$MARKER" ]] && [[ -z "${KAFKA_VERSION:-}" || "$(cat "$MARKER")" == "$KAFKA_VERSION" ]]
-}
-
-fetch_locked() {
-    if fetched; then
-        return 0
-    fi
-    command -v mvn >/dev/null || die "fetch: mvn (Maven) is not on PATH"
-    local build="$CACHE_DIR/fetch" tmp_lib="$CACHE_DIR/lib.tmp" version started=$SECONDS
-    mkdir -p "$build"
-    for version in $CANDIDATE_VERSIONS; do
-        rm -rf "$tmp_lib"
-        write_pom "$build" "$version"
-        log "fetch: resolving org.apache.kafka:kafka_2.13:$version and its runtime dependencies"
-        if mvn -B -q -f "$build/pom.xml" dependency:copy-dependencies \
-            -DincludeScope=runtime -DoutputDirectory="$tmp_lib" >"$build/mvn.log" 2>&1; then
-            if [[ -f "$tmp_lib/kafka_2.13-$version.jar" ]]; then
-                echo "$version" >"$tmp_lib/.complete"
-                rm -rf "$LIB_DIR"
-                mv "$tmp_lib" "$LIB_DIR"
-                local jars=("$LIB_DIR"/*.jar)
-                log "fetch: kafka $version, ${#jars[@]} jars in $LIB_DIR ($((SECONDS - started)) s)"
-                return 0
-            fi
-        fi
-        log "fetch: kafka_2.13 $version did not resolve:"
-        grep -E 'ERROR|error:' "$build/mvn.log" | head -5 >&2 || tail -5 "$build/mvn.log" >&2
-    done
-    rm -rf "$tmp_lib"
-    die "fetch: none of [$CANDIDATE_VERSIONS] could be downloaded (full log: $build/mvn.log)"
-}
-
-cmd_fetch() {
-    mkdir -p "$CACHE_DIR"
-    if fetched; then
-        return 0
-    fi
-    # Several test workers may fetch at once: one downloads, the others wait for it.
-    exec 9>"$CACHE_DIR/.fetch.lock"
-    flock 9
-    fetch_locked
-    exec 9>&-
-}
-
-installed_version() { cat "$MARKER"; }
-
-# --------------------------------------------------------------------------------------------- helpers
-
-# Is PID a live Kafka JVM? A zombie counts as gone, and so does a recycled pid that is not kafka.Kafka.
-alive() {
-    local pid="$1" state cmdline
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-    state="$(ps -o stat= -p "$pid" 2>/dev/null || true)"
-    [[ -n "$state" && "$state" != Z* ]] || return 1
-    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
-    [[ "$cmdline" == *kafka.Kafka* ]]
-}
-
-read_pid() {
-    if [[ -f "$1/kafka.pid" ]]; then cat "$1/kafka.pid"; fi
-}
-
-port_free() {  # can we listen on 127.0.0.1:$1 ? (SO_REUSEADDR like the JVM: TIME_WAIT is no obstacle)
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(1)
-finally:
-    s.close()
-EOF
-}
-
-free_ports() {  # print N distinct free ports
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-for s in socks:
-    s.close()
-EOF
-}
-
-log_tail() {
-    local dir="$1"
-    for f in "$dir/logs/server.log" "$dir/logs/stdout.log"; do
-        if [[ -s "$f" ]]; then
-            echo "----- last lines of $f -----" >&2
-            tail -n 40 "$f" >&2
-        fi
-    done
-}
+describe_running() { echo "$HOST:$(cat "$1/kafka.port" 2>/dev/null)"; }
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -436,49 +308,4 @@ while True:
     echo "kafka $version (cluster $cluster) pid $pid listening on $HOST:$port controller=$cport; ready in ${elapsed} s"
 }
 
-# ------------------------------------------------------------------------------------------ stop/status
-
-cmd_stop() {
-    [[ $# -eq 1 ]] || usage
-    local dir="$1" pid timeout="${KAFKA_STOP_TIMEOUT:-30}"
-    pid="$(read_pid "$dir")"
-    if ! alive "$pid"; then
-        echo "kafka not running (data dir $dir)"
-        rm -f "$dir/kafka.pid"
-        return 0
-    fi
-    kill -TERM "$pid" 2>/dev/null || true
-    local waited=0
-    while alive "$pid"; do
-        if (( waited >= timeout * 10 )); then
-            log "stop: pid $pid still alive after ${timeout} s, sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            waited=0
-            timeout=30
-        fi
-        sleep 0.1
-        waited=$((waited + 1))
-    done
-    rm -f "$dir/kafka.pid"
-    echo "kafka stopped (pid $pid)"
-}
-
-cmd_status() {
-    [[ $# -eq 1 ]] || usage
-    local dir="$1" pid
-    pid="$(read_pid "$dir")"
-    if alive "$pid"; then
-        echo "kafka running: pid $pid, $HOST:$(cat "$dir/kafka.port" 2>/dev/null)"
-    else
-        echo "kafka not running (data dir $dir)"
-        return 3
-    fi
-}
-
-case "${1:-}" in
-    fetch) shift; cmd_fetch "$@"; echo "kafka jars $(installed_version) in $LIB_DIR" ;;
-    start) shift; cmd_start "$@" ;;
-    stop) shift; cmd_stop "$@" ;;
-    status) shift; cmd_status "$@" ;;
-    *) usage ;;
-esac
+dispatch "$@"
