@@ -56,11 +56,11 @@ from engine.settlement import Settler
 from engine.store import Store, open_store
 from engine.store.base import Batch
 from shards.gaps import GapFiller
+from shards.settling import SettleStage
 from shards.state import Sequencer
 
 STORE_BATCH_TRADES_MAX: Final = 20_000
 HOUSEKEEPING_INTERVAL_S: Final = 1.0
-RETRY_BACKOFF_S_MAX: Final = 2.0
 CLOSE_TIMEOUT_S: Final = 10.0
 
 log = logging.getLogger("settle.kafka_shard")
@@ -89,7 +89,7 @@ class KafkaShardMetrics:
                                  ["shard"]).labels(s)
 
 
-class KafkaShard:
+class KafkaShard(SettleStage):
     def __init__(self, config: Config, kafka: KafkaConfig, shard: int, lifeline: Lifeline | None = None) -> None:
         self.config = config
         self.kafka = kafka
@@ -230,37 +230,9 @@ class KafkaShard:
     async def _settle(self, trades: list[Trade]) -> None:
         """Store the batch (retrying until the store has it), then advance the watermarks."""
         assert self.settler is not None
-        assert self.store is not None
-        settler, store = self.settler, self.store
+        settler = self.settler
         batch: Batch = await self._retry("read positions", lambda: settler.prepare(trades))
-        started = time.perf_counter()
-        self.m.store_inflight.set(1)
-        await self._retry("write a batch", lambda: store.write(batch))
-        self.m.store_inflight.set(0)
-        self.m.store_write.observe(time.perf_counter() - started)
-        self.m.store_batch.observe(len(trades))
-        now_ns = time.time_ns()
-        lag = self.m.settle_lag
-        for trade in trades:
-            lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
-        for symbol, seq in batch.watermarks.items():
-            st = self.seq.state(symbol)
-            st.settled = max(st.settled, seq)
-            st.accepted = max(st.accepted, seq)
-        self.m.settled.inc(len(trades))
-
-    async def _retry(self, what: str, op):  # type: ignore[no-untyped-def]
-        backoff = 0.05
-        while True:
-            try:
-                return await op()
-            except SettleError as e:
-                if not e.retriable:
-                    raise
-                self.m.store_errors.inc()
-                log.warning("shard %d: %s failed, retrying in %.2fs: %s", self.shard, what, backoff, e)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+        await self._store_batch(trades, batch)
 
     # ---------------------------------------------------------------- offsets
 

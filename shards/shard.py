@@ -52,12 +52,12 @@ from engine.store import Store, open_store
 from engine.store.base import Batch
 from engine.wal import RecoveryReport, ShardWal
 from shards.gaps import GapFiller
+from shards.settling import RETRY_BACKOFF_S_MAX, SettleStage
 from shards.state import Sequencer
 
 STORE_BATCH_TRADES_MAX: Final = 20_000
 RECOVERY_BATCH_TRADES: Final = 20_000
 CHECKPOINT_INTERVAL_S: Final = 1.0
-RETRY_BACKOFF_S_MAX: Final = 2.0
 WAL_LOCK_WAIT_S: Final = 60.0
 # The hot path allocates containers by the million, nearly all short-lived; at CPython's default
 # thresholds (700, 10, 10) the cyclic collector took a third of a shard's CPU (bench/, py-spy).
@@ -67,7 +67,7 @@ GC_THRESHOLDS: Final = (50_000, 20, 100)
 log = logging.getLogger("settle.shard")
 
 
-class Shard:
+class Shard(SettleStage):
     def __init__(self, config: Config, shard: int, lifeline: Lifeline | None = None) -> None:
         self.config = config
         self.shard = shard
@@ -403,26 +403,9 @@ class Shard:
         batch = await self._retry("read positions", lambda: self._prepare(trades))
         await self._store_batch(trades, batch)
 
-    async def _store_batch(self, trades: list[Trade], batch: Batch) -> None:
-        """Write a prepared batch (retrying until the store has it), then advance the watermarks."""
-        assert self.store is not None
-        started = time.perf_counter()
-        self.m.store_inflight.set(1)
-        await self._retry("write a batch", lambda: self._write(batch))
-        self.m.store_inflight.set(0)
-        self.m.store_write.observe(time.perf_counter() - started)
-        self.m.store_batch.observe(len(trades))
-        now_ns = time.time_ns()
-        lag = self.m.settle_lag
-        for trade in trades:
-            lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
-        for symbol, seq in batch.watermarks.items():
-            st = self.seq.state(symbol)
-            st.settled = max(st.settled, seq)
-            st.accepted = max(st.accepted, seq)
+    def _settled(self, trades: list[Trade], now_ns: int) -> None:
         if self._replay_ranges:
             self._observe_replayed(trades, now_ns)
-        self.m.settled.inc(len(trades))
 
     def _observe_replayed(self, trades: list[Trade], now_ns: int) -> None:
         """The lag of the trades of ``trades`` that came by replay; forget the ranges now settled."""
@@ -443,24 +426,6 @@ class Shard:
     async def _prepare(self, trades: list[Trade]) -> Batch:
         assert self.settler is not None
         return await self.settler.prepare(trades)
-
-    async def _write(self, batch: Batch) -> None:
-        assert self.store is not None
-        await self.store.write(batch)
-
-    async def _retry(self, what: str, op):  # type: ignore[no-untyped-def]
-        """Run ``op`` until it succeeds; retriable errors back off, others propagate."""
-        backoff = 0.05
-        while True:
-            try:
-                return await op()
-            except SettleError as e:
-                if not e.retriable:
-                    raise
-                self.m.store_errors.inc()
-                log.warning("shard %d: %s failed, retrying in %.2fs: %s", self.shard, what, backoff, e)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
 
     async def _housekeeping(self) -> None:
         assert self.wal is not None

@@ -1,0 +1,75 @@
+"""The store end of a shard, the same in both intake modes (ZMQ with a WAL, Kafka with offsets).
+
+:class:`SettleStage` writes a prepared batch, retrying until the store has it, observes each trade's lag
+(ME execution to store commit), then moves the symbols' watermarks. Only then is the batch settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+from engine.errors import SettleError
+from engine.messages import Trade
+from engine.store import Store
+from engine.store.base import Batch
+from shards.state import Sequencer
+
+RETRY_BACKOFF_S_MIN: Final = 0.05
+RETRY_BACKOFF_S_MAX: Final = 2.0
+
+log = logging.getLogger("settle.shard")
+
+T = TypeVar("T")
+
+
+class SettleStage:
+    """Mixed into a shard, which provides ``shard``, ``m`` (its metrics), ``seq`` and ``store``."""
+
+    shard: int
+    m: Any  # engine.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled
+    seq: Sequencer
+    store: Store | None
+
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` until it succeeds; retriable errors back off, others propagate."""
+        backoff = RETRY_BACKOFF_S_MIN
+        while True:
+            try:
+                return await op()
+            except SettleError as e:
+                if not e.retriable:
+                    raise
+                self.m.store_errors.inc()
+                log.warning("shard %d: %s failed, retrying in %.2fs: %s", self.shard, what, backoff, e)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+
+    async def _write(self, batch: Batch) -> None:
+        assert self.store is not None
+        await self.store.write(batch)
+
+    async def _store_batch(self, trades: list[Trade], batch: Batch) -> None:
+        """Write a prepared batch (retrying until the store has it), then advance the watermarks."""
+        started = time.perf_counter()
+        self.m.store_inflight.set(1)
+        await self._retry("write a batch", lambda: self._write(batch))
+        self.m.store_inflight.set(0)
+        self.m.store_write.observe(time.perf_counter() - started)
+        self.m.store_batch.observe(len(trades))
+        now_ns = time.time_ns()
+        lag = self.m.settle_lag
+        for trade in trades:
+            lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
+        for symbol, seq in batch.watermarks.items():
+            st = self.seq.state(symbol)
+            st.settled = max(st.settled, seq)
+            st.accepted = max(st.accepted, seq)
+        self._settled(trades, now_ns)
+        self.m.settled.inc(len(trades))
+
+    def _settled(self, trades: list[Trade], now_ns: int) -> None:
+        """Called once ``trades`` are in the store and the watermarks moved."""
