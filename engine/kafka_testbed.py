@@ -9,7 +9,6 @@ the processes are started here one by one, so a test can kill, restart, add and 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import select
@@ -24,9 +23,8 @@ from typing import Any
 
 from engine import config as configmod
 from engine import kafka_config
-from engine.checker import CheckReport, check
 from engine.demo import demo_config, free_port, spawn, stop
-from engine.store import open_store
+from engine.testbed import StoreObserver
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Child:
     lifeline: int  # read end of the child's lifeline pipe
 
 
-class KafkaSystem:
+class KafkaSystem(StoreObserver):
     def __init__(
         self,
         root: Path,
@@ -158,44 +156,11 @@ class KafkaSystem:
 
     # ---------------------------------------------------------------- observing the store
 
-    async def _watermarks(self) -> dict[str, int]:
-        store = await open_store(self.config.store, create_schema=False)
-        try:
-            return await store.watermarks()
-        finally:
-            await store.close()
-
-    def watermarks(self) -> dict[str, int]:
-        return asyncio.run(self._watermarks())
-
-    def settled(self) -> int:
-        return sum(self.watermarks().values())
-
-    def wait_settled(self, total: int | None = None, timeout_s: float = 90.0, at_least: bool = False) -> None:
-        total = self.sim_trades if total is None else total
-        deadline = time.monotonic() + timeout_s
-        settled = 0
-        while time.monotonic() < deadline:
-            for child in self.children.values():
-                code = child.proc.poll()
-                if code is not None:
-                    raise AssertionError(f"{child.name} exited with {code}; see {self.root}/logs\n{self.logs()}")
-            settled = self.settled()
-            if settled == total or (at_least and settled >= total):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"settled {settled} of {total} within {timeout_s}s; see {self.root}/logs\n{self.logs()}")
-
-    def check(self, expect_complete: bool = True) -> CheckReport:
-        async def run() -> CheckReport:
-            store = await open_store(self.config.store, create_schema=False)
-            try:
-                return await check(str(self.log_path), store, self.config.engine.fee_account,
-                                   expect_complete=expect_complete)
-            finally:
-                await store.close()
-
-        return asyncio.run(run())
+    def _check_processes(self) -> None:
+        for child in self.children.values():
+            code = child.proc.poll()
+            if code is not None:
+                raise AssertionError(f"{child.name} exited with {code}; see {self.root}/logs\n{self.logs()}")
 
     def metrics(self, name: str) -> str:
         """The ``/metrics`` text of the bridge or a shard."""
@@ -224,9 +189,3 @@ class KafkaSystem:
                 return
             time.sleep(0.1)
         raise AssertionError(f"the shards own {owned:.0f} of {self.kafka.partitions} partitions after {timeout_s}s")
-
-    def logs(self) -> str:
-        out = []
-        for path in sorted((self.root / "logs").glob("*.log")):
-            out.append(f"==== {path.name}\n{path.read_text(errors='replace')[-3000:]}")
-        return "\n".join(out)

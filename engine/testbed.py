@@ -45,7 +45,72 @@ class SimRun:
     hostile: int  # hostile frames sent, never logged
 
 
-class System:
+class StoreObserver:
+    """What a test sees of a running system through its store and the ME's log. Subclasses set ``root``,
+    ``config``, ``log_path`` and ``sim_trades``, and raise from :meth:`_check_processes` when one of their
+    processes died."""
+
+    root: Path
+    config: configmod.Config
+    log_path: Path
+    sim_trades: int
+
+    def _check_processes(self) -> None:
+        raise NotImplementedError
+
+    async def _watermarks(self) -> dict[str, int]:
+        store = await open_store(self.config.store, create_schema=False)
+        try:
+            return await store.watermarks()
+        finally:
+            await store.close()
+
+    def watermarks(self) -> dict[str, int]:
+        return asyncio.run(self._watermarks())
+
+    def settled(self) -> int:
+        return sum(self.watermarks().values())
+
+    def wait_settled(self, total: int | None = None, timeout_s: float = 240.0, at_least: bool = False) -> None:
+        """Until the store holds ``total`` trades (the simulator's count by default); fails as soon as a
+        process died, naming it."""
+        total = self.sim_trades if total is None else total
+        deadline = time.monotonic() + timeout_s
+        settled = 0
+        while time.monotonic() < deadline:
+            self._check_processes()
+            try:
+                settled = self.settled()
+            except StoreUnavailable:
+                time.sleep(1.0)  # the store is restarting; the engine retries too
+                continue
+            if settled == total or (at_least and settled >= total):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"settled {settled} of {total} within {timeout_s}s; see {self.root}/logs\n"
+                             f"{self.logs()}")
+
+    def check(self, expect_complete: bool = True) -> CheckReport:
+        """The checker's verdict: the store against the ME's log."""
+
+        async def run() -> CheckReport:
+            store = await open_store(self.config.store, create_schema=False)
+            try:
+                return await check(str(self.log_path), store, self.config.engine.fee_account,
+                                   expect_complete=expect_complete)
+            finally:
+                await store.close()
+
+        return asyncio.run(run())
+
+    def logs(self) -> str:
+        out = []
+        for path in sorted((self.root / "logs").glob("*.log")):
+            out.append(f"==== {path.name}\n{path.read_text(errors='replace')[-4000:]}")
+        return "\n".join(out)
+
+
+class System(StoreObserver):
     def __init__(
         self, root: Path, *, shards: int = 2, store: str = "embedded", overrides: dict[str, Any] | None = None
     ) -> None:
@@ -239,60 +304,13 @@ class System:
             if proc is not None:
                 stop(proc, 90.0)
 
-    # ---------------------------------------------------------------- observing the store
-
-    async def _watermarks(self) -> dict[str, int]:
-        store = await open_store(self.config.store, create_schema=False)
-        try:
-            return await store.watermarks()
-        finally:
-            await store.close()
-
-    def watermarks(self) -> dict[str, int]:
-        return asyncio.run(self._watermarks())
-
-    def settled(self) -> int:
-        return sum(self.watermarks().values())
-
-    def wait_settled(
-        self, total: int | None = None, timeout_s: float = 240.0, at_least: bool = False
-    ) -> None:
-        total = self.sim_trades if total is None else total
-        deadline = time.monotonic() + timeout_s
-        settled = 0
-        while time.monotonic() < deadline:
-            if self.engine is not None and self.engine.poll() is not None:
-                raise AssertionError(f"the engine exited with {self.engine.returncode}; see {self.root}/logs")
-            try:
-                settled = self.settled()
-            except StoreUnavailable:
-                time.sleep(1.0)  # the store is restarting; the engine retries too
-                continue
-            if settled == total or (at_least and settled >= total):
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"settled {settled} of {total} within {timeout_s}s; see {self.root}/logs")
-
-    def check(self, expect_complete: bool = True) -> CheckReport:
-        async def run() -> CheckReport:
-            store = await open_store(self.config.store, create_schema=False)
-            try:
-                return await check(
-                    str(self.log_path), store, self.config.engine.fee_account, expect_complete=expect_complete
-                )
-            finally:
-                await store.close()
-
-        return asyncio.run(run())
+    def _check_processes(self) -> None:
+        if self.engine is not None and self.engine.poll() is not None:
+            raise AssertionError(f"the engine exited with {self.engine.returncode}; see {self.root}/logs")
 
     def shard_of(self, symbol: str) -> int:
         return shard_for(symbol, self.config.shard_count)
 
-    def logs(self) -> str:
-        out = []
-        for path in sorted((self.root / "logs").glob("*.log")):
-            out.append(f"==== {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        return "\n".join(out)
 
 
 class ProgressWatch:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from engine.demo import start_engine
+from engine.demo import spawn, start_engine
 from engine.errors import EXIT_CONFIG, EXIT_CRASH_LOOP
 from engine.testbed import System
 
@@ -30,11 +31,34 @@ def test_a_shard_that_keeps_dying_halts_the_engine_with_crash_loop(tmp_path: Pat
     assert str(system.config.wal_path(1)) in (tmp_path / "logs" / "shard-1.log").read_text()
 
 
-def test_a_config_error_at_boot_halts_at_once(tmp_path: Path) -> None:
-    system = System(tmp_path, shards=2, store="cassandra", overrides={
-        "store.cassandra.port": 1, "store.cassandra.username": "settle",
-        "store.cassandra.password_env": "SETTLE_TEST_UNSET_PASSWORD_VARIABLE"})
+SECRET_FROM_UNSET_ENV = {"store.cassandra.port": 1, "store.cassandra.username": "settle",
+                         "store.cassandra.password_env": "SETTLE_TEST_UNSET_PASSWORD_VARIABLE"}
+
+
+def test_a_config_error_found_before_start_spawns_nothing(tmp_path: Path) -> None:
+    """`settle run` checks the host (preflight) before it spawns anything: exit 78, the key named."""
+    system = System(tmp_path, shards=2, store="cassandra", overrides=SECRET_FROM_UNSET_ENV)
     engine = start_engine(system.config_path, tmp_path)
+    try:
+        assert engine.wait(120) == EXIT_CONFIG
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait()
+    log = (tmp_path / "logs" / "supervisor.log").read_text()
+    assert "SETTLE_TEST_UNSET_PASSWORD_VARIABLE" in log
+    assert "not starting" in log
+    assert not (tmp_path / "logs" / "shard-0.log").exists()
+
+
+def test_a_config_error_in_a_child_halts_at_once(tmp_path: Path) -> None:
+    """A child that finds its config wrong exits 78 and the supervisor halts with it (no respawns). The
+    supervisor is started without `settle run`'s preflight, which would have caught this one first."""
+    system = System(tmp_path, shards=2, store="cassandra", overrides=SECRET_FROM_UNSET_ENV)
+    code = ("import sys; from pathlib import Path; from engine import config, supervisor; "
+            "sys.exit(supervisor.run(config.load(sys.argv[1]), Path(sys.argv[2])))")
+    engine = spawn([sys.executable, "-c", code, str(system.config_path), str(tmp_path / "logs")],
+                   tmp_path / "logs" / "supervisor.log")
     try:
         assert engine.wait(120) == EXIT_CONFIG
     finally:
