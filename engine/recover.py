@@ -17,13 +17,14 @@ from engine.progress import Progress
 
 
 async def recover(config: Config, shard: int, *, from_store: bool = False, repair_corruption: bool = False) -> int:
-    from shards.shard import Shard
+    from shards.shard import Shard, tune_gc
 
     if not 0 <= shard < config.shard_count:
         print(f"settle recover: --shard {shard} is not a slot of this engine (0..{config.shard_count - 1})",
               file=sys.stderr)
         return 64
     progress = Progress(f"shard {shard}: scan WAL")
+    tune_gc()  # it settles like a shard process, with the same collector settings
     worker = Shard(config, shard)
     try:
         await worker.start(repair_corruption=repair_corruption, progress=progress)
