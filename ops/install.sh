@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install settle and its test tooling: Debian packages (Prometheus/promtool, FUSE) and Python packages.
+# Install settle and its test tooling: Debian packages (Prometheus/promtool, FUSE, systemd-analyze) and
+# Python packages.
 # Idempotent; skips apt-get when the packages are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies ops/systemd/ units in the tests
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install.sh: need root to apt-get install ${need_apt[*]}" >&2
