@@ -5,6 +5,8 @@ It runs the ME simulator at a steady rate, the supervisor with its router and sh
 the embedded store). The fault schedule is drawn up front from the seed (:func:`engine.chaos_faults.plan`)
 and printed, so ``settle chaos --seed S`` replays the same schedule. Faults: SIGKILL of a shard, of the
 router, of the supervisor (restarted at once, as systemd would), of Cassandra (restarted after a while);
+a power loss (every shard's WAL is on a LazyFS, :mod:`engine.lazyfs`: the whole engine is frozen, every
+unsynced WAL write dropped, every engine process SIGKILLed, and the supervisor restarted);
 a torn WAL tail (shard stopped, last segment cut at a random byte, shard killed); a full WAL disk (a small
 tmpfs under the shard's WAL, kept full, later freed); the ME dropping messages and the ME publishing
 hostile frames (the ME restarted on its own log with ``--drop`` / ``--hostile-every``); raw garbage, up to
@@ -40,6 +42,7 @@ from typing import Any, Final
 import zmq
 
 from engine import chaos_faults as cf
+from engine import lazyfs
 from engine.checker import CheckReport
 from engine.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED
 from engine.testbed import ProgressWatch, SimRun, System
@@ -50,6 +53,7 @@ CATCH_UP_WAIT_MAX_S: Final = 60.0
 ORPHAN_GRACE_S: Final = 90.0  # a child of a killed supervisor drains (at most 2 x drain_timeout_s), then exits
 PROGRESS_EVERY_S: Final = 10.0
 REKILL_AFTER_S: Final = 2.5  # a late schedule never kills one slot twice within this
+EXIT_NO_FUSE: Final = 2  # power_loss asked for where no FUSE file system can be mounted
 
 
 @dataclass(slots=True)
@@ -90,6 +94,10 @@ class Chaos:
         self.reported: set[int] = set()  # orphans already reported
         self.next_orphan_scan = 0.0
         self.disks: dict[str, cf.WalDisk] = {}
+        self.power: cf.WalPower | None = None
+        self.power_cuts: Counter[str] = Counter()  # mode -> power losses
+        self.power_points: Counter[str] = Counter()  # "in a group commit" or "at once" -> power losses
+        self.power_lost: Counter[str] = Counter()  # what the power losses dropped, summed (POWER_LOSS_FIGURES)
         self.full: set[str] = set()  # shard slots whose WAL disk is kept full
         self.node: cf.CassandraNode | None = None
         self.cassandra_down_at = 0.0
@@ -147,7 +155,9 @@ class Chaos:
     def _run(self, root: Path, stack: contextlib.ExitStack) -> int:
         args = self.args
         root.mkdir(parents=True, exist_ok=True)
-        overrides: dict[str, Any] = {"me.heartbeat_interval_ms": 200, "wal.segment_bytes_max": 256 * 1024}
+        # each WAL sits on a small tmpfs (disk_full): start-up must not refuse it for its size
+        overrides: dict[str, Any] = {"me.heartbeat_interval_ms": 200, "wal.segment_bytes_max": 256 * 1024,
+                                     "engine.disk_free_bytes_min": 0}
         if args.store == "cassandra":
             self.node = self._cassandra(root, stack)
             overrides |= {"store.cassandra.port": self.node.port, "store.cassandra.consistency": "ONE",
@@ -156,10 +166,17 @@ class Chaos:
         system = self._system = System(root, shards=args.shards, store=args.store, overrides=overrides)
         self.tally = cf.QuarantineTally(system.config.quarantine_path)
         stack.callback(self._unmount)  # after the engine stopped (LIFO)
+        wal_paths = [system.config.wal_path(shard) for shard in range(args.shards)]
+        # With power_loss the WAL is a LazyFS over walfs/shard-N/disk/wal and the tmpfs is that disk.
+        power = cf.POWER_LOSS in self.kinds
+        disk_paths = [root / "walfs" / f"shard-{s}" / "disk" for s in range(args.shards)] if power else wal_paths
         if cf.DISK_FULL in self.kinds:
-            for shard in range(args.shards):
-                self.disks[f"shard-{shard}"] = disk = cf.WalDisk(system.config.wal_path(shard), args.wal_disk_mb)
+            for shard, path in enumerate(disk_paths):
+                self.disks[f"shard-{shard}"] = disk = cf.WalDisk(path, args.wal_disk_mb)
                 disk.mount()
+        if power:
+            self.power = cf.WalPower(root / "walfs", wal_paths, disk_paths)
+            self.power.mount()
         stack.callback(self._reap_orphans)  # after the engine stopped
         stack.callback(system.stop)
         self.ctx = zmq.Context()
@@ -204,8 +221,14 @@ class Chaos:
             node.start()
 
     def _unmount(self) -> None:
+        if self.power is not None:  # the LazyFS first: its backing folder is on the tmpfs
+            if self.failures:
+                for shard, fs in enumerate(self.power.filesystems):
+                    with contextlib.suppress(OSError):
+                        shutil.copytree(fs.backing, self.system.root / "wal-at-end" / f"shard-{shard}")
+            self.power.stop()
         for slot, disk in self.disks.items():
-            if self.failures and disk.mounted:  # the tmpfs dies with the mount: keep its WAL for the post-mortem
+            if self.failures and disk.mounted and self.power is None:  # the tmpfs dies with the mount: keep its WAL
                 with contextlib.suppress(OSError):
                     shutil.copytree(disk.path, self.system.root / "wal-at-end" / slot,
                                     ignore=shutil.ignore_patterns(cf.FILLER_NAME))
@@ -258,7 +281,7 @@ class Chaos:
             ready = fault.kind != cf.ROUTER_KILL or self._ready("router")
             return rested and ready and self._caught_up([fault.target]) and (
                 system.child_pid(fault.target) is not None)
-        if fault.kind == cf.SUPERVISOR_KILL:
+        if fault.kind in cf.WHOLE_ENGINE_KINDS:
             return system.engine_ready() and self._caught_up(list(self.slots))
         if fault.kind == cf.CASSANDRA_KILL:
             return self.node is not None and not self.node.starting and self.node.running()
@@ -321,6 +344,22 @@ class Chaos:
         self.last_hit |= dict.fromkeys(self.slots, self.now())
         self.system.restart_engine()
         return f"SIGKILL pid {pid} (its children get SIGTERM); `settle run` restarted: pid {self.system.engine_pid}"
+
+    def _do_power_loss(self, fault: cf.Fault) -> str:
+        assert self.power is not None
+        assert self.system.engine is not None
+        pid = self.system.engine.pid
+        mode, where, lost = self.power.cut(pid, fault.param)
+        self.system.engine.wait()
+        self.power_cuts[mode] += 1
+        self.power_points[where.split(" of ")[0]] += 1
+        self.power_lost.update(lost)
+        self.last_hit |= dict.fromkeys(self.slots, self.now())
+        self.system.restart_engine()
+        return (f"power cut under the WALs {where} (mode {mode}): supervisor pid {pid} and its tree frozen, "
+                f"{lost.get('victims', 0)} processes SIGKILLed, {lost.get('bytes_dropped', 0)} unsynced WAL bytes "
+                f"dropped in {lost.get('files_reverted', 0)} files, {lost.get('lost_count', 0)} paths lost; "
+                f"`settle run` restarted: pid {self.system.engine_pid}")
 
     def _do_cassandra_kill(self, fault: cf.Fault) -> str:
         assert self.node is not None
@@ -552,6 +591,8 @@ class Chaos:
             "quarantined": quarantined.total(), "quarantined_by_reason": dict(sorted(quarantined.items())),
             "hostile_unaccounted": unaccounted, "me_runs": [[mode, run.hostile if run else None]
                                                              for mode, run in self.me_runs],
+            "power_cuts": dict(sorted(self.power_cuts.items())), "power_loss": dict(sorted(self.power_lost.items())),
+            "power_cut_points": dict(sorted(self.power_points.items())),
             "failures": self.failures,
         }  # fmt: skip
         (self.system.root / "chaos-report.json").write_text(json.dumps(summary, indent=2))
@@ -563,6 +604,13 @@ class Chaos:
               f"{report.order_error_count}, assets conserved {report.assets - len(report.conservation)}/"
               f"{report.assets}\n  hostile frames: sent {sum(sent.values())} {sent}, quarantined "
               f"{quarantined.total()}, unaccounted {unaccounted}", flush=True)
+        if self.power_cuts:
+            modes = "; ".join(", ".join(f"{key} {n}" for key, n in sorted(counts.items()))
+                              for counts in (self.power_cuts, self.power_points))
+            lost = self.power_lost
+            print(f"  power cuts: {self.power_cuts.total()} ({modes}): {lost['bytes_dropped']} unsynced WAL bytes "
+                  f"dropped in {lost['files_reverted']} files, {lost['lost_count']} paths lost, "
+                  f"{lost['revived_count']} revived", flush=True)
 
     def _print_failure(self, root: Path) -> None:
         a = self.args
@@ -603,10 +651,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cassandra-dir", help="a Cassandra data dir of ops/cassandra/cassandra.sh; a node running "
                    "there is used and left running (default: DATA_DIR/cassandra, started and stopped)")
     p.add_argument("--faults", type=int, default=0, help="faults to inject (default: one per 6 s of soak)")
-    p.add_argument("--kinds", help=f"only these fault kinds, comma-separated: {','.join(cf.KINDS)}")
+    p.add_argument("--kinds", help=f"only these fault kinds, comma-separated: {','.join(cf.KINDS)} (power_loss "
+                   "needs root and FUSE; without them it is left out of the default, and asking for it is an error)")
     p.add_argument("--symbols", type=int, default=8)
     p.add_argument("--accounts", type=int, default=1000)
-    p.add_argument("--wal-disk-mb", type=int, default=16, help="each shard's WAL tmpfs, for disk_full (default 16)")
+    p.add_argument("--wal-disk-mb", type=int, default=16, help="each shard's WAL tmpfs, for disk_full (default 16); "
+                   "with power_loss the LazyFS under the WAL keeps its data on it")
     p.add_argument("--stall-timeout", type=float, default=180.0,
                    help="fail when nothing settles for this long after the faults stopped (default 180)")
     p.add_argument("--plan-only", action="store_true", help="print the fault schedule and exit")
@@ -621,6 +671,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settle chaos: unknown fault kinds {unknown}; expected some of {', '.join(cf.KINDS)}" if unknown
               else "settle chaos: --minutes and --shards must be positive", file=sys.stderr)
         return EXIT_USAGE
+    kinds = args.kinds.split(",") if args.kinds else cf.KINDS
+    if cf.POWER_LOSS in kinds and not args.plan_only and (missing := lazyfs.unavailable()):
+        if args.kinds:
+            print(f"settle chaos: power_loss needs a FUSE file system (LazyFS) under the WALs and none can be "
+                  f"mounted here: {missing}. Run as root with fuse3 installed (ops/install.sh), or leave "
+                  "power_loss out of --kinds", file=sys.stderr)
+            return EXIT_NO_FUSE
+        args.kinds = ",".join(kind for kind in cf.KINDS if kind != cf.POWER_LOSS)
+        print(f"settle chaos: power_loss left out, no FUSE file system can be mounted here ({missing}); "
+              f"running --kinds {args.kinds}", flush=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
 
     def on_term(signum: int, frame: object) -> None:

@@ -5,6 +5,8 @@
 - :class:`CassandraNode` starts, SIGKILLs and restarts a Cassandra through ``ops/cassandra/cassandra.sh``
   (what an operator has in a checkout; ``engine/`` never imports ``tests/``).
 - :class:`WalDisk` mounts a small tmpfs under a shard's WAL directory and fills it on demand.
+- :class:`WalPower` puts each shard's WAL directory on a LazyFS (:mod:`engine.lazyfs`), over that tmpfs
+  when there is one, and cuts the power under all of them at once.
 - :func:`tear_wal` cuts a symbol's last WAL segment at a random byte.
 - :func:`garbage_burst` builds raw hostile frames (huge ones too) to push straight into a shard's socket;
   :func:`me_hostile_frames` re-derives the hostile frames a simulator run published.
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Final
 
 from engine import hostile
+from engine.lazyfs import MODES as POWER_MODES
+from engine.lazyfs import LazyFS, cut_power
 from engine.quarantine import FRAME_BYTES_KEPT
 from engine.quarantine import read as read_quarantine
 
@@ -40,23 +44,25 @@ from engine.quarantine import read as read_quarantine
 SHARD_KILL: Final = "shard_kill"
 ROUTER_KILL: Final = "router_kill"
 SUPERVISOR_KILL: Final = "supervisor_kill"
+POWER_LOSS: Final = "power_loss"
 CASSANDRA_KILL: Final = "cassandra_kill"
 TORN_WRITE: Final = "torn_write"
 DISK_FULL: Final = "disk_full"
 ME_DROP: Final = "me_drop"
 HOSTILE_FLOOD: Final = "hostile_flood"
 GARBAGE: Final = "garbage"
-KINDS: Final = (SHARD_KILL, ROUTER_KILL, SUPERVISOR_KILL, CASSANDRA_KILL, TORN_WRITE, DISK_FULL, ME_DROP,
-                HOSTILE_FLOOD, GARBAGE)  # fmt: skip
-WEIGHTS: Final = {SHARD_KILL: 3, ROUTER_KILL: 2, SUPERVISOR_KILL: 1, CASSANDRA_KILL: 1, TORN_WRITE: 2,
-                  DISK_FULL: 2, ME_DROP: 2, HOSTILE_FLOOD: 1, GARBAGE: 2}  # fmt: skip
-ENGINE_KINDS: Final = frozenset({SHARD_KILL, ROUTER_KILL, SUPERVISOR_KILL, TORN_WRITE})
+KINDS: Final = (SHARD_KILL, ROUTER_KILL, SUPERVISOR_KILL, POWER_LOSS, CASSANDRA_KILL, TORN_WRITE, DISK_FULL,
+                ME_DROP, HOSTILE_FLOOD, GARBAGE)  # fmt: skip
+WEIGHTS: Final = {SHARD_KILL: 3, ROUTER_KILL: 2, SUPERVISOR_KILL: 1, POWER_LOSS: 1, CASSANDRA_KILL: 1,
+                  TORN_WRITE: 2, DISK_FULL: 2, ME_DROP: 2, HOSTILE_FLOOD: 1, GARBAGE: 2}  # fmt: skip
+ENGINE_KINDS: Final = frozenset({SHARD_KILL, ROUTER_KILL, SUPERVISOR_KILL, POWER_LOSS, TORN_WRITE})
+WHOLE_ENGINE_KINDS: Final = frozenset({SUPERVISOR_KILL, POWER_LOSS})  # every slot goes down
 FAULT_INTERVAL_S: Final = 6.0  # default density: one fault per this many seconds of the window
 
 # Spacing the schedule keeps, in seconds (see _conflict).
 SLOT_KILL_GAP_S: Final = 5.0  # between two kills of one slot
 SLOT_KILLS_PER_MINUTE_MAX: Final = 4  # the supervisor halts a slot that dies 8 times a minute: stay far below
-SUPERVISOR_GAP_S: Final = 25.0
+SUPERVISOR_GAP_S: Final = 25.0  # between two takedowns of the whole engine (supervisor kill, power loss)
 CASSANDRA_RESTART_S: Final = 15.0  # a restart takes 3-10 s; keep outages apart
 ME_GAP_S: Final = 3.0
 SETTLE_AFTER_S: Final = 5.0  # a burst of hostile frames is read and quarantined well within this
@@ -66,9 +72,9 @@ SETTLE_AFTER_S: Final = 5.0  # a burst of hostile frames is read and quarantined
 class Fault:
     at_s: float  # offset from the start of the soak
     kind: str
-    target: str  # "shard-N", "router", "supervisor", "cassandra", "me"
+    target: str  # "shard-N", "router", "supervisor", "engine" (power loss), "cassandra", "me"
     duration_s: float = 0.0  # episodes (cassandra down, disk full, ME mode): how long until healed
-    param: int = 0  # kind-specific: drop ppm, hostile every N trades, a seed for the cut or the burst
+    param: int = 0  # kind-specific: drop ppm, hostile every N trades, a seed for the cut, burst or power loss
 
     @property
     def end_s(self) -> float:
@@ -84,7 +90,14 @@ class Fault:
             text += f" for {self.duration_s:.1f}s"
         elif self.kind in (TORN_WRITE, GARBAGE):
             text += f" (draw {self.param})"
+        elif self.kind == POWER_LOSS:
+            text += f" mode {power_mode(self.param)} (draw {self.param})"
         return text
+
+
+def power_mode(draw: int) -> str:
+    """What survives of the unsynced WAL writes in a power loss (see :mod:`engine.lazyfs`)."""
+    return POWER_MODES[draw % len(POWER_MODES)]
 
 
 def plan(
@@ -117,6 +130,8 @@ def _draw(rng: random.Random, kind: str, start_s: float, end_s: float, shards: i
         return Fault(at, kind, "router")
     if kind == SUPERVISOR_KILL:
         return Fault(at, kind, "supervisor")
+    if kind == POWER_LOSS:
+        return Fault(at, kind, "engine", param=rng.getrandbits(32))
     if kind == CASSANDRA_KILL:
         return Fault(at, kind, "cassandra", round(rng.uniform(1.0, 6.0), 1))
     if kind == TORN_WRITE:
@@ -146,8 +161,8 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 
 def _kills(f: Fault, slot: str) -> bool:
-    """Does ``f`` kill ``slot`` (a supervisor kill takes every child down with it)?"""
-    return f.kind == SUPERVISOR_KILL or (f.kind in (SHARD_KILL, TORN_WRITE) and f.target == slot) or (
+    """Does ``f`` kill ``slot`` (a supervisor kill or a power loss takes every child down with it)?"""
+    return f.kind in WHOLE_ENGINE_KINDS or (f.kind in (SHARD_KILL, TORN_WRITE) and f.target == slot) or (
         f.kind == ROUTER_KILL and slot == "router"
     )
 
@@ -162,7 +177,8 @@ def _conflict(f: Fault, other: Fault) -> bool:
             return True
     if {f.kind, other.kind} == {ME_DROP, HOSTILE_FLOOD} and _overlap(_busy(f), _busy(other)):
         return True  # one ME: its modes take turns
-    if f.kind == SUPERVISOR_KILL and other.kind == SUPERVISOR_KILL and abs(f.at_s - other.at_s) < SUPERVISOR_GAP_S:
+    whole = f.kind in WHOLE_ENGINE_KINDS and other.kind in WHOLE_ENGINE_KINDS
+    if whole and abs(f.at_s - other.at_s) < SUPERVISOR_GAP_S:
         return True
     same_slot = f.kind in ENGINE_KINDS and other.kind in ENGINE_KINDS and f.target == other.target
     if same_slot and abs(f.at_s - other.at_s) < SLOT_KILL_GAP_S:
@@ -314,7 +330,8 @@ FILLER_NAME: Final = "chaos-filler"  # not a symbol's name: the WAL ignores it
 
 
 class WalDisk:
-    """A size-limited tmpfs mounted on a shard's WAL directory; :meth:`fill` takes every free byte."""
+    """A size-limited tmpfs mounted on a shard's WAL directory (with power_loss: on the disk under its
+    LazyFS, see :class:`WalPower`); :meth:`fill` takes every free byte."""
 
     def __init__(self, path: Path, size_mb: int) -> None:
         self.path = path
@@ -364,6 +381,58 @@ class WalDisk:
         if done.returncode != 0:  # still busy (a straggler holds a file): detach it now, freed when closed
             subprocess.run(["umount", "-l", str(self.path)], capture_output=True, check=False)
         self.mounted = False
+
+
+# -- power loss under the WALs -----------------------------------------------------------------------
+
+
+class WalPower:
+    """Each shard's WAL directory is a LazyFS mount over ``disk/wal`` (``disk``: the shard's :class:`WalDisk`
+    mount point, or a plain directory), so that a :class:`WalDisk` filler next to ``wal`` fills the same
+    disk without being part of the WAL (LazyFS' rebuild never touches it). :meth:`cut` is one power loss
+    for the whole machine: every WAL keeps only what was fsynced."""
+
+    def __init__(self, root: Path, wal_paths: list[Path], disks: list[Path]) -> None:
+        self.filesystems = [LazyFS(root / f"shard-{shard}", backing=disk / "wal", mount=wal)
+                            for shard, (wal, disk) in enumerate(zip(wal_paths, disks, strict=True))]  # fmt: skip
+
+    def mount(self) -> None:
+        for fs in self.filesystems:
+            fs.start()
+
+    def cut(self, supervisor_pid: int, draw: int) -> tuple[str, str, dict[str, int]]:
+        """Lose power in :func:`power_mode`: freeze the supervisor's tree (and any process using a WAL), keep
+        only what every WAL made durable, SIGKILL them all. The cut is armed at the next fsync of a segment
+        holding unsynced writes on one shard (drawn): a group commit's writes are what a real power loss
+        takes; when none comes within POWER_ARM_WAIT_S (a full disk fails its writes first) it comes at once.
+        Returns (mode, where it landed, what was lost summed over the shards)."""
+        mode = power_mode(draw)
+        shard = (draw >> 8) % len(self.filesystems)
+        armed = self.filesystems[shard]
+        armed.arm({"fsync"}, path=r"\.seg$", pending=True, when="before", roots=[supervisor_pid], mode=mode,
+                  seed=draw, label="chaos")
+        first = armed.wait(POWER_ARM_WAIT_S) or armed.disarm()
+        if first is None:
+            where = "at once"
+            reports = cut_power(self.filesystems, roots=[supervisor_pid], mode=mode, seed=draw, label="chaos")
+        else:  # the machine is frozen and killed by then: the other disks lose their unsynced writes too
+            where = f"in a group commit of shard-{shard}"
+            reports = [first] + [fs.crash(roots=[supervisor_pid], mode=mode, seed=draw + i, label="chaos")
+                                 for i, fs in enumerate(self.filesystems) if fs is not armed]  # fmt: skip
+        lost: Counter[str] = Counter()
+        for report in reports:
+            lost["victims"] += len(report.get("victims", ()))
+            lost.update({key: value for key, value in report.items() if key in POWER_LOSS_FIGURES})
+        return mode, where, dict(lost)
+
+    def stop(self) -> None:
+        for fs in self.filesystems:
+            fs.stop()
+
+
+POWER_ARM_WAIT_S: Final = 5.0
+POWER_LOSS_FIGURES: Final = ("bytes_dropped", "files_reverted", "writes_torn", "pages_lost", "pages_kept",
+                             "lost_count", "revived_count")  # fmt: skip
 
 
 # -- a torn write -------------------------------------------------------------------------------------

@@ -253,7 +253,12 @@ class ShardWal:
             os.close(fd)
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:  # the pid only names the holder in the message above: a full disk must not stop us
+            if e.errno != errno.ENOSPC:
+                os.close(fd)
+                raise
         return fd
 
     def close(self) -> None:

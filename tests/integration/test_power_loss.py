@@ -30,11 +30,11 @@ from typing import Any
 
 import pytest
 
+from engine.lazyfs import MODES, PAGE_BYTES, REPO, LazyFS
 from engine.melog import read_all
 from engine.testbed import System
 from engine.wal import ShardWal, scan_stats
 from tests.factories import trade
-from tests.powerfs.lazyfs import MODES, PAGE_BYTES, REPO, LazyFS
 
 pytestmark = pytest.mark.integration
 

@@ -402,6 +402,23 @@ def test_a_second_wal_on_the_same_root_is_refused(root: Path) -> None:
         second.recover()
 
 
+def test_a_full_disk_does_not_stop_a_wal_from_taking_its_lock(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by `settle chaos` (power_loss on a full WAL disk): the lock file came back empty, writing the pid
+    # into it needed a block the disk did not have, and the shard crash-looped at start until space returned.
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(root / "LOCK"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with ShardWal(root, segment_bytes_max=1 << 20) as wal:
+        wal.recover()
+        with pytest.raises(WalError, match=r"in use by another process \(pid unknown"):
+            ShardWal(root, segment_bytes_max=1 << 20)
+
+
 def test_use_before_recover_and_after_close(root: Path) -> None:
     wal = ShardWal(root, segment_bytes_max=1 << 20)
     with pytest.raises(WalError, match="recover"):
