@@ -61,3 +61,34 @@ def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, stor
         verified = bench.verify().ok if store != "null" else None
     return {"name": name, "store": store, "shards": bench.shards, "rate": rate, "trades": trades,
             "settled_per_s": achieved, "verified": verified, **summarize(window)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    from bench.common import RESULTS, clean_json, table
+
+    p = argparse.ArgumentParser(prog="python -m bench.latency",
+                                description="ME-to-store latency of settle (2 shards) at fixed publish rates.")
+    p.add_argument("--rates", default="5000,10000,20000,30000,40000", help="trades/s, comma-separated")
+    p.add_argument("--seconds", type=float, default=10.0, help="publishing time at each rate")
+    p.add_argument("--store", choices=["embedded", "cassandra"], default="embedded")
+    p.add_argument("--cassandra-port", type=int, default=0, help="the Cassandra on 127.0.0.1:PORT (--store cassandra)")
+    p.add_argument("--out", default=str(RESULTS / "latency.json"))
+    args = p.parse_args(argv)
+    target = CassandraTarget("127.0.0.1", args.cassandra_port) if args.store == "cassandra" else None
+    rows = []
+    for rate in (float(r) for r in args.rates.split(",")):
+        rows.append(run_latency(f"latency-{rate:.0f}", rate=rate, seconds=args.seconds, store=args.store,
+                                cassandra=target))
+        print(table([rows[-1]], ["name", "rate", "settled_per_s", "count", "p50_ms", "p99_ms", "p999_ms",
+                                 "share_le_25ms", "verified"]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(clean_json(rows), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(r["verified"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,10 +7,12 @@ and a stale replay carries smaller timestamps than what the store holds (ignored
 write these tables without such a timestamp: a plain write would stamp wall-clock microseconds and
 win over every later sequence-stamped write. ``docs/storage.md`` has the whole argument.
 
-The driver runs its own I/O thread; its futures are bridged onto the event loop with
-``call_soon_threadsafe``. Requests in flight are bounded per store, and every request is retried with
-backoff a bounded number of times before :class:`~engine.errors.StoreUnavailable` is raised: a call
-never hangs on a dead server, and the shard's own retry loop takes over.
+The driver runs its own I/O thread. A read's future is bridged onto the event loop with
+``call_soon_threadsafe``; a batch's writes are sent from the driver's thread, each answer sending the
+next, and the loop is woken once when all have answered. Requests in flight are bounded per store
+operation, and every request is retried with backoff a bounded number of times before
+:class:`~engine.errors.StoreUnavailable` is raised: a call never hangs on a dead server, and the shard's
+own retry loop takes over.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import os
 import ssl
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -356,7 +359,98 @@ class CassandraStore:
         return rows
 
     async def _all(self, statements: Sequence[Statement]) -> None:
-        await self._each(statements, self._request)
+        """Write every statement; the failed ones are sent again with backoff, a bounded number of times."""
+        pending = list(statements)
+        delay = RETRY_DELAY_S_FIRST
+        started = time.monotonic()
+        give_up_at = started + RETRY_TIMEOUTS * self._config.request_timeout_s
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            if not pending:
+                return
+            failures = await self._fan_out(pending)
+            if not failures:
+                return
+            for _, error in failures:
+                if isinstance(error, RequestValidationException):
+                    raise StoreRejected(f"{self._where}: the server refused a request: {_describe(error)}") from error
+                if isinstance(error, ClosedError):
+                    raise error
+                if not isinstance(error, RETRIABLE):
+                    raise StoreUnavailable(f"{self._where}: request failed: {_describe(error)}") from error
+            pending = [statement for statement, _ in failures]
+            if attempt == RETRY_ATTEMPTS or time.monotonic() + delay > give_up_at:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_DELAY_S_MAX)
+        error = failures[0][1]
+        raise StoreUnavailable(
+            f"{self._where}: {_describe(error)} ({len(failures)} of {len(statements)} writes failing after "
+            f"{attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
+        ) from error
+
+    def _fan_out(self, statements: list[Statement]) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
+        """Send ``statements`` with at most ``requests_in_flight_max`` outstanding, each completion sending
+        the next from the driver's own thread (as the driver's ``execute_concurrent`` does), and wake the
+        event loop once, when all have answered: per request no future, no task and no loop wake-up, which
+        cost more than the request itself (a write runs at about twice the rows/s). Resolves to the
+        statements that failed, with their errors."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[tuple[Statement, BaseException]]] = loop.create_future()
+        session = self._session
+        if session is None:
+            done.set_exception(ClosedError(f"{self._where}: the store is closed"))
+            return done
+        lock = threading.Lock()
+        queue = iter(statements)
+        failures: list[tuple[Statement, BaseException]] = []
+        remaining = len(statements)
+        credits = 0  # free slots not yet used by a send
+        pumping = False  # a thread is in pump(): the others only hand it their credit (no recursion when
+        # the driver answers inside add_callbacks, as it does at once when no host is up)
+
+        def resolve() -> None:
+            if not done.done():  # not cancelled meanwhile
+                done.set_result(failures)
+
+        def finish(statement: Statement, error: BaseException | None) -> None:
+            nonlocal remaining
+            with lock:
+                if error is not None:
+                    failures.append((statement, error))
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                try:
+                    loop.call_soon_threadsafe(resolve)
+                except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+                    pass
+            else:
+                pump(1)
+
+        def pump(slots: int) -> None:
+            nonlocal credits, pumping
+            with lock:
+                credits += slots
+                if pumping:
+                    return
+                pumping = True
+            while True:
+                with lock:
+                    statement = next(queue, None) if credits and not done.done() else None
+                    if statement is None:
+                        pumping = False
+                        return
+                    credits -= 1
+                try:
+                    response = session.execute_async(statement)
+                except Exception as e:  # noqa: BLE001 - e.g. the session shut down: this statement failed
+                    finish(statement, e)
+                    continue
+                response.add_callbacks(lambda _rows, s=statement: finish(s, None),
+                                       lambda error, s=statement: finish(s, error))
+
+        pump(min(len(statements), self._config.requests_in_flight_max))
+        return done
 
     async def _each(self, items: Sequence[T], call: Callable[[T], Awaitable[object]]) -> None:
         """``await call(item)`` for every item, concurrently as far as the in-flight bound allows;
