@@ -24,10 +24,10 @@ import ssl
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from cassandra import (
     AuthenticationFailed,
@@ -79,7 +79,6 @@ RETRIABLE: Final = (
 )
 
 Row = tuple[Any, ...]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,8 +357,10 @@ class CassandraStore:
             rows.extend(page)
         return rows
 
-    async def _all(self, statements: Sequence[Statement]) -> None:
-        """Write every statement; the failed ones are sent again with backoff, a bounded number of times."""
+    async def _all(self, statements: Sequence[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None
+                   ) -> None:
+        """Run every statement; the failed ones are sent again with backoff, a bounded number of times. With
+        ``pages``, each statement's first page of rows is appended to it with whether more pages follow."""
         pending = list(statements)
         delay = RETRY_DELAY_S_FIRST
         started = time.monotonic()
@@ -367,7 +368,7 @@ class CassandraStore:
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             if not pending:
                 return
-            failures = await self._fan_out(pending)
+            failures = await self._fan_out(pending, pages)
             if not failures:
                 return
             for _, error in failures:
@@ -388,7 +389,8 @@ class CassandraStore:
             f"{attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
         ) from error
 
-    def _fan_out(self, statements: list[Statement]) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
+    def _fan_out(self, statements: list[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None
+                 ) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
         """Send ``statements`` with at most ``requests_in_flight_max`` outstanding, each completion sending
         the next from the driver's own thread (as the driver's ``execute_concurrent`` does), and wake the
         event loop once, when all have answered: per request no future, no task and no loop wake-up, which
@@ -427,6 +429,14 @@ class CassandraStore:
             else:
                 pump(1)
 
+        def answered(rows: list[Row], statement: Statement, response: Any) -> None:
+            if pages is not None:
+                pages.append((statement, rows, response.has_more_pages))  # list.append: atomic
+            finish(statement, None)
+
+        def failed(error: BaseException, statement: Statement) -> None:
+            finish(statement, error)
+
         def pump(slots: int) -> None:
             nonlocal credits, pumping
             with lock:
@@ -446,34 +456,11 @@ class CassandraStore:
                 except Exception as e:  # noqa: BLE001 - e.g. the session shut down: this statement failed
                     finish(statement, e)
                     continue
-                response.add_callbacks(lambda _rows, s=statement: finish(s, None),
-                                       lambda error, s=statement: finish(s, error))
+                response.add_callbacks(answered, errback=failed, callback_args=(statement, response),
+                                       errback_args=(statement,))
 
         pump(min(len(statements), self._config.requests_in_flight_max))
         return done
-
-    async def _each(self, items: Sequence[T], call: Callable[[T], Awaitable[object]]) -> None:
-        """``await call(item)`` for every item, concurrently as far as the in-flight bound allows;
-        the first failure cancels the rest and is raised."""
-        if not items:
-            return
-        pending = iter(items)
-
-        async def worker() -> None:
-            for item in pending:
-                await call(item)
-
-        workers = [
-            asyncio.ensure_future(worker())
-            for _ in range(min(len(items), self._config.requests_in_flight_max))
-        ]
-        try:
-            await asyncio.gather(*workers)
-        except BaseException:
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            raise
 
     # ------------------------------------------------------------------------------------------ writes
 
@@ -536,19 +523,26 @@ class CassandraStore:
         for account, asset, _ in wanted:
             assets_of[account].add(asset)
         out: dict[PositionKey, Position] = {}
-
-        async def read(account: int) -> None:  # one partition: the account
-            assets = assets_of[account]
+        statements: list[Statement] = []
+        account_of: dict[int, int] = {}  # id(statement) -> its account
+        for account, assets in assets_of.items():  # one partition each: the account
             if len(assets) <= IN_VALUES_MAX:
                 statement = self._st.account_assets.bind((account, sorted(assets)))
             else:
                 statement = self._st.account_rows.bind((account,))
-            for asset, symbol, amount, last_seq in await self._rows(statement):
+            statement.fetch_size = PAGE_ROWS
+            statements.append(statement)
+            account_of[id(statement)] = account
+        pages: list[tuple[Statement, list[Row], bool]] = []
+        await self._all(statements, pages)
+        for statement, rows, more in pages:
+            if more:  # a partition past one page: read it whole, page by page
+                rows = await self._rows(statement)
+            account = account_of[id(statement)]
+            for asset, symbol, amount, last_seq in rows:
                 key = (account, asset, symbol)
                 if key in wanted:
                     out[key] = Position(amount, last_seq)
-
-        await self._each(list(assets_of), read)
         return out
 
     async def watermarks(self) -> dict[str, int]:
