@@ -22,10 +22,11 @@ LAG_METRIC = "settle_lag_seconds"
 WARM_FRACTION = 0.1
 
 
-def lag_buckets(bench: Bench) -> dict[float, float]:
+def lag_buckets(bench: Bench, metric: str = LAG_METRIC) -> dict[float, float]:
+    """``metric``'s histogram buckets summed over the bench's shards."""
     total: dict[float, float] = {}
     for url in bench.shard_metrics_urls():
-        for le, count in histogram_buckets(scrape(url), LAG_METRIC).items():
+        for le, count in histogram_buckets(scrape(url), metric).items():
             total[le] = total.get(le, 0.0) + count
     return total
 

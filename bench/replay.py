@@ -34,7 +34,8 @@ from typing import Any
 
 import zmq
 
-from bench.common import RESULTS, clean_json, histogram_buckets, metric_sum, quantile, scrape, table
+from bench.common import RESULTS, clean_json, metric_sum, quantile, scrape, table
+from bench.latency import lag_buckets
 from bench.settlerun import Bench, CassandraTarget
 from engine import melog
 from engine.messages import ReplayChunk, ReplayEnd, ReplayFailed, ReplayRequest, encoder, replay_reply_decoder
@@ -44,14 +45,6 @@ REPLAY_LAG = "settle_replay_lag_seconds"
 LAG = "settle_lag_seconds"
 SIM_EXIT_TIMEOUT_S = 600.0
 RAW_TIMEOUT_S = 30.0
-
-
-def _buckets(bench: Bench, name: str) -> dict[float, float]:
-    total: dict[float, float] = {}
-    for url in bench.shard_metrics_urls():
-        for le, count in histogram_buckets(scrape(url), name).items():
-            total[le] = total.get(le, 0.0) + count
-    return total
 
 
 def _quantiles_ms(buckets: dict[float, float]) -> dict[str, float]:
@@ -69,8 +62,8 @@ def lost_trades(name: str, *, rate: float, seconds: float, drop: float, heartbea
         assert bench.progress is not None
         bench.start_publisher("sim", trades, rate=rate, symbols=symbols, extra=["--drop", str(drop)])
         bench.progress.wait_for(trades)
-        replay = _buckets(bench, REPLAY_LAG)
-        every = _buckets(bench, LAG)
+        replay = lag_buckets(bench, REPLAY_LAG)
+        every = lag_buckets(bench, LAG)
         replayed = sum(metric_sum(scrape(url), "settle_replayed_trades_total") for url in bench.shard_metrics_urls())
         sim = bench.system.stop_sim()
         bench.publisher = None

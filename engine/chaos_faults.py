@@ -38,6 +38,7 @@ from engine.lazyfs import MODES as POWER_MODES
 from engine.lazyfs import LazyFS, cut_power
 from engine.quarantine import FRAME_BYTES_KEPT
 from engine.quarantine import read as read_quarantine
+from engine.servers import alive
 
 # -- the schedule -------------------------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class CassandraNode:
 
     def running(self) -> bool:
         pid = self.pid
-        return pid is not None and _alive(pid)
+        return pid is not None and alive(pid)
 
     def start(self, timeout_s: float = 300.0) -> None:
         """Start and wait until CQL answers (fetches the jars on first use)."""
@@ -249,11 +250,11 @@ class CassandraNode:
     def kill9(self, timeout_s: float = 30.0) -> int | None:
         """SIGKILL the JVM (nothing flushed) and wait until it is gone. Returns its pid."""
         pid = self.pid
-        if pid is None or not _alive(pid):
+        if pid is None or not alive(pid):
             return None
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid):
+        while alive(pid):
             if time.monotonic() > deadline:
                 raise CassandraError(f"Cassandra pid {pid} alive {timeout_s:.0f}s after SIGKILL")
             time.sleep(0.02)
@@ -291,16 +292,6 @@ class CassandraNode:
         self.wait_started()
         subprocess.run(["bash", str(self.script), "stop", str(self.data_dir)], stdin=subprocess.DEVNULL,
                        capture_output=True, timeout=180, check=False)
-
-
-def _alive(pid: int) -> bool:
-    """True while PID exists and is not a zombie (PID 1 may never reap the orphaned JVM)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def engine_processes(data_path: Path) -> dict[int, tuple[int, str]]:

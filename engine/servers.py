@@ -212,4 +212,4 @@ def alive(pid: int) -> bool:
             state = f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z"
+    return state not in ("Z", "X")
