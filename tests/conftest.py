@@ -9,17 +9,22 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from tests.servers.cassandra import CassandraServer, CassandraServerError
 
 
-def server_unavailable(what: str, error: Exception) -> None:
-    message = f"{what} could not start: {error}"
+def unavailable(message: str) -> NoReturn:
+    """A test's server or tool is missing: the test fails in CI and is skipped elsewhere, with ``message``."""
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def server_unavailable(what: str, error: Exception) -> NoReturn:
+    unavailable(f"{what} could not start: {error}")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ locally the tests are skipped with the reason.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import sqlite3
@@ -25,6 +24,7 @@ from typing import Any
 import pytest
 
 from engine.kafka_testbed import KafkaSystem
+from tests.conftest import server_unavailable
 from tests.servers.kafka import KafkaServer, KafkaServerError
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("kafka")]
@@ -37,10 +37,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     try:
         server.start(tmp_path_factory.mktemp("kafka"))
     except (KafkaServerError, OSError) as e:
-        message = f"Kafka could not start: {e}"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        server_unavailable("Kafka", e)
     try:
         yield server
     finally:

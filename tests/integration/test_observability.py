@@ -23,13 +23,14 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from engine.demo import free_port
 from engine.testbed import System
 from engine.top import top
+from tests import conftest
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("observability")]
 
@@ -44,11 +45,8 @@ RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval comes to with the test'
 TEST_FOR = "3s"  # every rule's `for:` in the test copy of the rules, so alerts fire within the test
 
 
-def unavailable(what: str, error: object) -> None:
-    message = f"{what}: {error}"
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+def unavailable(what: str, error: object) -> NoReturn:
+    conftest.unavailable(f"{what}: {error}")
 
 
 def tool(name: str) -> str:

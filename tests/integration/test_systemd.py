@@ -19,6 +19,7 @@ import pytest
 
 from engine.cli import build_parser
 from engine.mesim import _parser as sim_parser
+from tests.conftest import unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +32,7 @@ EXPOSURE_MAX = 2.0  # `systemd-analyze security` scale: 0 (locked down) .. 10 (e
 def systemd_analyze() -> str:
     path = shutil.which("systemd-analyze")
     if path is None:
-        message = "systemd-analyze is missing: it comes with Debian's systemd package (ops/install.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("systemd-analyze is missing: it comes with Debian's systemd package (ops/install.sh)")
     return path
 
 
