@@ -29,8 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sys
 import time
 from collections import deque
@@ -46,7 +44,7 @@ from prometheus_client import CollectorRegistry
 
 from engine import metrics as metricsmod
 from engine import security
-from engine.child import Lifeline, child_args, setup_logging
+from engine.child import Lifeline, child_args, setup_logging, stoppable_loop
 from engine.config import Config
 from engine.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
 from engine.kafka_config import KafkaConfig, load_child_config
@@ -413,19 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     bridge = Bridge(config, kafka, Lifeline(args.ready_fd))
     if config.metrics.enabled:
         metricsmod.serve(bridge.registry, config.metrics.host, kafka.bridge_metrics_port)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    terms = 0
-
-    def on_term() -> None:
-        nonlocal terms
-        terms += 1
-        if terms > 1:
-            os._exit(EXIT_FAILURE)  # a second SIGTERM: at once; the next start produces again what is unacked
-        bridge.stop()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop = stoppable_loop(bridge.stop)
     log.info("bridge: ME %s -> kafka %s topic %s", config.me.publish, kafka.bootstrap_servers, kafka.topic)
     try:
         loop.run_until_complete(bridge.run())

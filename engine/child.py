@@ -7,14 +7,17 @@ The lifeline is a pipe to the supervisor: the child writes ``R`` once it is read
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import config as configmod
-from engine.errors import EXIT_CONFIG, ConfigError
+from engine.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError
 
 
 class Lifeline:
@@ -68,3 +71,23 @@ def setup_logging(name: str) -> logging.Logger:
         stream=sys.stderr,
     )
     return logging.getLogger(name)
+
+
+def stoppable_loop(stop: Callable[[], None]) -> asyncio.AbstractEventLoop:
+    """A new event loop on which the first SIGTERM (or SIGINT) calls ``stop`` (drain, flush, close) and a
+    second one exits at once: every child keeps what it acknowledged durable (a WAL, a Kafka commit, the
+    ME's log), so an operator in a hurry loses nothing by it."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    terms = 0
+
+    def on_term() -> None:
+        nonlocal terms
+        terms += 1
+        if terms > 1:
+            os._exit(EXIT_FAILURE)
+        stop()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    return loop

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import sys
 import threading
 import time
@@ -46,7 +44,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from prometheus_client import CollectorRegistry
 
 from engine import metrics as metricsmod
-from engine.child import Lifeline, child_args, setup_logging
+from engine.child import Lifeline, child_args, setup_logging, stoppable_loop
 from engine.config import Config
 from engine.errors import EXIT_CONFIG, ConfigError, SettleError
 from engine.kafka_config import KafkaConfig, load_child_config
@@ -446,19 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     shard = KafkaShard(config, kafka, args.shard, Lifeline(args.ready_fd))
     if config.metrics.enabled:
         metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    terms = 0
-
-    def on_term() -> None:
-        nonlocal terms
-        terms += 1
-        if terms > 1:
-            os._exit(1)  # a second SIGTERM: at once; nothing is lost, the next owner re-reads from the commit
-        shard.stop()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop = stoppable_loop(shard.stop)
     try:
         loop.run_until_complete(shard.run())
     except ConfigError as e:

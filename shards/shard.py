@@ -20,7 +20,6 @@ import contextlib
 import gc
 import logging
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -32,7 +31,7 @@ import zmq.asyncio
 
 from engine import metrics as metricsmod
 from engine import security
-from engine.child import Lifeline, child_args, load_child_config, setup_logging
+from engine.child import Lifeline, child_args, load_child_config, setup_logging, stoppable_loop
 from engine.config import Config
 from engine.errors import (
     EXIT_CONFIG,
@@ -482,19 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.metrics.enabled:
         metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard,
                          wait_for_port=True)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    terms = 0
-
-    def on_term() -> None:
-        nonlocal terms
-        terms += 1
-        if terms > 1:
-            os._exit(1)  # a second SIGTERM: exit at once; the WAL has everything acknowledged
-        shard.stop()
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop = stoppable_loop(shard.stop)
     try:
         loop.run_until_complete(shard.run())
     except WalCorruption as e:
