@@ -244,8 +244,8 @@ class Chaos:
 
     def _inject(self) -> None:
         """Fault starts and heals in time order; a start waits until its target can take it (a slot must be
-        alive to be killed) while other resources' events go on. An episode lasts its full duration from its
-        actual start."""
+        alive to be killed) while other resources' starts go on, and heals go on whatever waits. An episode
+        lasts its full duration from its actual start."""
         events = [_Event(self.soak_at + f.at_s, i, "start", f) for i, f in enumerate(self.schedule)]
         while events:
             blocked: set[str] = set()
@@ -254,7 +254,9 @@ class Chaos:
                     break
                 resource = _resource(event.fault)
                 late_s = self.now() - event.due_s
-                if resource in blocked or (event.phase == "start" and not self._can_start(event.fault)):
+                # Only starts wait (in order, per resource); a heal never does: a start waiting for its
+                # resource (a Cassandra kill due while the node is down) may be waiting for that very heal.
+                if event.phase == "start" and (resource in blocked or not self._can_start(event.fault)):
                     blocked.add(resource)
                     continue
                 events.remove(event)
