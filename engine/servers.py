@@ -15,11 +15,15 @@ The first start on a machine fetches the jars (10-15 s); later starts take a few
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -172,7 +176,8 @@ class CassandraServer(OpsServer):
 
 
 class KafkaServer(OpsServer):
-    """Kafka 4 in KRaft mode, broker and controller in one JVM (``ops/kafka/kafka.sh``)."""
+    """Kafka 4 in KRaft mode, broker and controller in one JVM (``ops/kafka/kafka.sh``); alone, or one node
+    of a :class:`KafkaCluster`."""
 
     name = "kafka"
     title = "Kafka"
@@ -180,6 +185,12 @@ class KafkaServer(OpsServer):
     port_flag = "--port"
     log_file = "server.log"
     default_start_timeout_s = 120.0
+
+    def __init__(self, *, host: str = "127.0.0.1", script: Path | None = None,
+                 env: Mapping[str, str] | None = None, start_timeout_s: float | None = None) -> None:
+        super().__init__(script=script, env=env, start_timeout_s=start_timeout_s)
+        self.host = host  # type: ignore[misc]  # the address it binds: a loopback one or a test LAN's
+        self._cluster_args: tuple[str, ...] = ()
 
     @property
     def bootstrap(self) -> str:
@@ -191,10 +202,104 @@ class KafkaServer(OpsServer):
         """Start on DATA_DIR (formatting it the first time) and wait until the broker answers."""
         if controller_port is not None:
             extra = (*extra, "--controller-port", str(controller_port))
+        if "--host" not in extra:
+            extra = (*extra, "--host", self.host)
         return super().start(data_dir, port=port, extra=extra)
 
+    def start_node(self, data_dir: str | os.PathLike[str], *, node_id: int, port: int, controller_port: int,
+                   voters: str, cluster_id: str, replicas: int) -> Self:
+        """Start as node NODE_ID of a cluster whose static controller quorum is VOTERS."""
+        self._cluster_args = ("--node-id", str(node_id), "--voters", voters, "--cluster-id", cluster_id,
+                              "--replicas", str(replicas))
+        return self.start(data_dir, port=port, controller_port=controller_port, extra=self._cluster_args)
+
     def _restart_args(self) -> tuple[str, ...]:
-        return ("--controller-port", (self.data_dir / "ports").read_text().split()[1])
+        return ("--controller-port", (self.data_dir / "ports").read_text().split()[1], *self._cluster_args)
+
+
+class KafkaCluster:
+    """N Kafka nodes, each broker and controller (a static KRaft quorum of all N), node i on HOSTS[i-1];
+    internal topics with N replicas and ``min.insync.replicas`` N-1. The nodes start together (each one
+    answers only once the quorum has a leader). ``started_in_s``: from the first start to the last node
+    answering."""
+
+    def __init__(self, hosts: Sequence[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3"), *,
+                 env: Mapping[str, str] | None = None, start_timeout_s: float | None = None) -> None:
+        self.nodes = [KafkaServer(host=h, env=env, start_timeout_s=start_timeout_s) for h in hosts]
+        self.started_in_s: float | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaServer:
+        """The node whose ``node.id`` (the broker id Kafka reports) is NODE_ID, from 1."""
+        return self.nodes[node_id - 1]
+
+    def start(self, base_dir: str | os.PathLike[str]) -> Self:
+        base = Path(base_dir)
+        ports = [free_port_pair(node.host) for node in self.nodes]
+        voters = ",".join(f"{i}@{node.host}:{ports[i - 1][1]}" for i, node in enumerate(self.nodes, 1))
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=").replace("-", "A")
+        started = time.monotonic()
+        errors: list[BaseException] = []
+
+        def start(i: int) -> None:
+            try:
+                self.nodes[i].start_node(base / f"node{i + 1}", node_id=i + 1, port=ports[i][0],
+                                         controller_port=ports[i][1], voters=voters, cluster_id=cluster_id,
+                                         replicas=len(self.nodes))
+            except BaseException as e:  # reported below, after every node's start has returned
+                errors.append(e)
+
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(len(self.nodes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise ServerError(f"the Kafka cluster did not start: {errors[0]}") from errors[0]
+        self.started_in_s = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node._data_dir is not None:
+                node.stop()
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the running nodes' JVMs, together."""
+        total = 0
+        for node in self.nodes:
+            pid = node.pid
+            if pid is None:
+                continue
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                pass
+        return total
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def free_port_pair(host: str) -> tuple[int, int]:
+    """Two distinct free ports of HOST (a broker's and a controller's)."""
+    socks = [socket.socket(), socket.socket()]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return socks[0].getsockname()[1], socks[1].getsockname()[1]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def threads_left(pid: int) -> bool:

@@ -21,7 +21,7 @@ REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 CACHE_DIR="${SETTLE_CACHE:-$REPO_ROOT/.cache}/$SERVICE"
 LIB_DIR="$CACHE_DIR/lib"
 MARKER="$LIB_DIR/.complete"
-HOST=127.0.0.1
+HOST=127.0.0.1  # the address the server binds; a script may take another from its options
 PYTHON="${PYTHON:-python3}"
 if [[ -n "${JAVA:-}" ]]; then
     :
@@ -127,13 +127,13 @@ read_pid() {
     if [[ -f "$1/$SERVICE.pid" ]]; then cat "$1/$SERVICE.pid"; fi
 }
 
-port_free() {  # can we listen on 127.0.0.1:$1 ? (SO_REUSEADDR like the JVM: TIME_WAIT is no obstacle)
-    "$PYTHON" - "$1" <<'EOF'
+port_free() {  # can we listen on $HOST:$1 ? (SO_REUSEADDR like the JVM: TIME_WAIT is no obstacle)
+    "$PYTHON" - "$1" "$HOST" <<'EOF'
 import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.bind((sys.argv[2], int(sys.argv[1])))
 except OSError:
     sys.exit(1)
 finally:
@@ -141,13 +141,13 @@ finally:
 EOF
 }
 
-free_ports() {  # print N distinct free ports
-    "$PYTHON" - "$1" <<'EOF'
+free_ports() {  # print N distinct free ports of $HOST
+    "$PYTHON" - "$1" "$HOST" <<'EOF'
 import socket, sys
 socks = []
 for _ in range(int(sys.argv[1])):
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((sys.argv[2], 0))
     socks.append(s)
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 for s in socks:
