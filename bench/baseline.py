@@ -15,7 +15,7 @@
   the file; its recovery re-settles every line, which the idempotent writes make harmless).
 
 It writes settle's schema (ledger, ledger buckets, positions as absolute amounts with ``last_seq``,
-watermarks, every CQL cell stamped ``USING TIMESTAMP`` with its sequence), so ``engine.checker`` proves
+watermarks, every CQL cell stamped ``USING TIMESTAMP`` with its sequence), so ``engine.verify.checker`` proves
 its result the same way as settle's. Positions are folded per trade like settle's settler does (read
 from the store on first touch, changed only by a trade whose seq is above the row's ``last_seq``):
 the note leaves ``settle_trade_atomically`` unspecified, and absolute, idempotent rows are what make
@@ -42,12 +42,12 @@ from typing import Any, Literal
 import msgspec
 import zmq
 
-from engine import config as configmod
-from engine.config import CassandraConfig, Config
-from engine.messages import Trade, stream_decoder
-from engine.settlement import deltas
-from engine.store.base import ZERO, Batch, Position, PositionKey, Store
-from engine.store.schema import ledger_bucket, ledger_ints
+from engine.core import config as configmod
+from engine.core.config import CassandraConfig, Config
+from engine.core.messages import Trade, stream_decoder
+from engine.core.settlement import deltas
+from engine.core.store.base import ZERO, Batch, Position, PositionKey, Store
+from engine.core.store.schema import ledger_bucket, ledger_ints
 
 # --------------------------------------------------------------------------------------------- the WAL
 
@@ -189,7 +189,7 @@ class CassandraDb:
 
 
 async def open_db(config: Config) -> EmbeddedDb | CassandraDb:
-    from engine.store import open_store
+    from engine.core.store import open_store
 
     fee = config.engine.fee_account
     if config.store.kind == "embedded":

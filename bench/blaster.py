@@ -1,6 +1,6 @@
 """``python -m bench.blaster``: the reference ME simulator with its trades made before the clock starts.
 
-It is :class:`engine.mesim.Simulator` (same trades for the same seed, same log, same replay endpoint,
+It is :class:`engine.sim.mesim.Simulator` (same trades for the same seed, same log, same replay endpoint,
 same heartbeats) except that all ``--trades`` trades are generated, encoded and logged at start-up; once
 a subscriber is connected they are published flat out from memory. Generating a trade costs the
 simulator about 10 us of Python; on a 2-core machine that would be a core taken from the engine under
@@ -17,7 +17,7 @@ import threading
 import time
 from types import FrameType
 
-from engine.mesim import SimConfig, Simulator, sim_config
+from engine.sim.mesim import SimConfig, Simulator, sim_config
 
 
 class Blaster(Simulator):

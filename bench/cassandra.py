@@ -1,4 +1,4 @@
-"""A real Cassandra for the benchmarks (:class:`engine.servers.CassandraServer`), its start-up timed.
+"""A real Cassandra for the benchmarks (:class:`engine.verify.servers.CassandraServer`), its start-up timed.
 
     with Cassandra(work_dir / "cassandra") as server:      # started (timed), stopped on exit
         server.port, server.start_s
@@ -11,8 +11,8 @@ from pathlib import Path
 from types import TracebackType
 
 from bench.settlerun import CassandraTarget
-from engine.servers import CassandraServer
-from engine.servers import ServerError as CassandraError
+from engine.verify.servers import CassandraServer
+from engine.verify.servers import ServerError as CassandraError
 
 __all__ = ["Cassandra", "CassandraError"]
 

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import table, write_json
-from engine.checker import CheckReport
-from engine.kafka_testbed import KafkaSystem
-from engine.servers import KafkaServer
-from engine.testbed import System
+from engine.verify.checker import CheckReport
+from engine.verify.kafka_testbed import KafkaSystem
+from engine.verify.servers import KafkaServer
+from engine.verify.testbed import System
 
 SHARDS = 2
 SYMBOLS = 16

@@ -29,8 +29,8 @@ from typing import Any
 
 import zmq
 
-from engine.mesim import TradeGenerator, sim_config
-from engine.messages import encoder
+from engine.core.messages import encoder
+from engine.sim.mesim import TradeGenerator, sim_config
 
 RECORD_BYTES = 200  # a WAL record: 8-byte header + a msgpack trade of ~190 bytes
 

@@ -4,7 +4,7 @@ of the whole pipeline with metrics on and off, side by side in one run.
 - **on**: ``metrics.enabled = true`` (the default), and every process is scraped every ``--scrape-interval``
   seconds while the trades flow (1 s by default: 15 times harsher than the shipped scrape config).
 - **off**: ``metrics.enabled = false``: nothing is served, and the metric families are no-ops (nothing is
-  counted or observed; see ``engine.metrics.new_registry``).
+  counted or observed; see ``engine.core.metrics.new_registry``).
 
 Runs alternate on, off, on, off, ... so drift on the machine hits both alike; the table shows every run
 and the median per mode. The simulator publishes flat out; the clock runs from the first settled trade
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import table, write_json
-from engine.testbed import System
+from engine.verify.testbed import System
 
 
 def _scraper(urls: list[str], interval_s: float, stop: threading.Event, counts: dict[str, int]) -> None:

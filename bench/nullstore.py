@@ -10,11 +10,11 @@ Never configure it outside a benchmark: nothing written to it survives anything.
 
 from __future__ import annotations
 
-from engine.store.base import Batch, Position, PositionKey
+from engine.core.store.base import Batch, Position, PositionKey
 
 
 class NullStore:
-    """The :class:`~engine.store.base.Store` protocol, with every write discarded."""
+    """The :class:`~engine.core.store.base.Store` protocol, with every write discarded."""
 
     def __init__(self) -> None:
         self.batches = 0

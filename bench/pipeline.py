@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from bench.common import run_pipeline, table, write_json
-from engine.messages import Trade
-from engine.wal import ShardWal
+from engine.core.messages import Trade
+from engine.core.wal import ShardWal
 
 
 def _trades(n: int, symbols: int = 10) -> list[Trade]:

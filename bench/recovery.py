@@ -1,7 +1,7 @@
 """Recovery: re-settling a big pending WAL, and a killed shard settling again under load.
 
 1. **Re-settle 1M pending WAL records**: trades from the simulator's generator are written into shard 0's
-   WAL with :class:`engine.wal.ShardWal` directly (group commits of 4096, fsync on), the store is empty,
+   WAL with :class:`engine.core.wal.ShardWal` directly (group commits of 4096, fsync on), the store is empty,
    then a fresh process times ``Shard.start()`` -- what a shard does before it reports ready, and what
    ``settle recover --shard 0`` runs: open the store, verify every segment, re-settle every record above
    the store's watermark, checkpoint. The store's schema exists beforehand (creating a Cassandra keyspace
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.settlerun import Bench, CassandraTarget, keyspace_name
-from engine import config as configmod
-from engine.demo import demo_config
-from engine.mesim import TradeGenerator, sim_config
-from engine.placement import shard_for
-from engine.wal import ShardWal
+from engine.core import config as configmod
+from engine.core.placement import shard_for
+from engine.core.wal import ShardWal
+from engine.sim.mesim import TradeGenerator, sim_config
+from engine.verify.demo import demo_config
 
 WAL_COMMIT_TRADES = 4096
 
@@ -87,7 +87,7 @@ def resettle(records: int, *, store: str = "embedded", cassandra: CassandraTarge
 
 
 async def _worker(config: configmod.Config) -> dict[str, Any]:
-    from engine.store import open_store
+    from engine.core.store import open_store
     from shards.shard import Shard
 
     started = time.perf_counter()
@@ -124,7 +124,7 @@ def worker_main(config_path: str) -> int:
 
 async def _create_schema(config: configmod.Config) -> None:
     """The store as a recovering shard finds it: schema in place (its creation is not recovery's cost)."""
-    from engine.store import open_store
+    from engine.core.store import open_store
 
     store = await open_store(config.store, create_schema=True)
     await store.close()

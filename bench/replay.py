@@ -37,8 +37,8 @@ import zmq
 from bench.common import RESULTS, clean_json, metric_sum, quantile, scrape, table
 from bench.latency import lag_buckets
 from bench.settlerun import Bench, CassandraTarget
-from engine import melog
-from engine.messages import ReplayChunk, ReplayEnd, ReplayFailed, ReplayRequest, encoder, replay_reply_decoder
+from engine.core.messages import ReplayChunk, ReplayEnd, ReplayFailed, ReplayRequest, encoder, replay_reply_decoder
+from engine.sim import melog
 from shards.gaps import GAP_GRACE_NS, REQUEST_TRADES_MAX
 
 REPLAY_LAG = "settle_replay_lag_seconds"

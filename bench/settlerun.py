@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import cpu_seconds, metric_sum, scrape
-from engine.checker import CheckReport
-from engine.demo import spawn, stop
-from engine.store import open_store
-from engine.testbed import System
+from engine.core.store import open_store
+from engine.verify.checker import CheckReport
+from engine.verify.demo import spawn, stop
+from engine.verify.testbed import System
 
 POLL_S = 0.05
 METRICS_POLL_S = 0.25  # the null store: a shard's /metrics exposition costs it ~1 ms of CPU to render

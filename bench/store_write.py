@@ -3,8 +3,8 @@
     ops/cassandra/cassandra.sh start var/bench-cassandra      # prints the CQL port
     python -m bench.store_write --port PORT [--trades 40000] [--symbols 8] [--accounts 10000]
 
-The trades come from the reference simulator's generator (:class:`engine.mesim.TradeGenerator`), folded
-into batches of ``--batch`` trades by the :class:`~engine.settlement.Settler` exactly as a shard does.
+The trades come from the reference simulator's generator (:class:`engine.sim.mesim.TradeGenerator`), folded
+into batches of ``--batch`` trades by the :class:`~engine.core.settlement.Settler` exactly as a shard does.
 Each mode runs on a fresh keyspace:
 
 - ``settle``: settle's whole settle stage, as one shard runs it: for each batch ``Settler.prepare`` (reading
@@ -35,14 +35,14 @@ from typing import Any
 
 from cassandra.concurrent import execute_concurrent
 
-from engine.config import CassandraConfig
-from engine.mesim import FEE_ACCOUNT, TradeGenerator, sim_config
-from engine.messages import Trade
-from engine.settlement import Settler
-from engine.store.base import Batch, Store
-from engine.store.cassandra import CassandraStore
-from engine.store.embedded import EmbeddedStore
-from engine.store.schema import ledger_bucket, ledger_ints
+from engine.core.config import CassandraConfig
+from engine.core.messages import Trade
+from engine.core.settlement import Settler
+from engine.core.store.base import Batch, Store
+from engine.core.store.cassandra import CassandraStore
+from engine.core.store.embedded import EmbeddedStore
+from engine.core.store.schema import ledger_bucket, ledger_ints
+from engine.sim.mesim import FEE_ACCOUNT, TradeGenerator, sim_config
 
 CONCURRENCIES = (32, 128, 512)
 RAW_ATTEMPTS = 5

@@ -10,8 +10,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine import config as configmod
-from engine.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, SettleError, WalError
+from engine.core import config as configmod
+from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, SettleError, WalError
 
 T = TypeVar("T")
 
@@ -40,8 +40,9 @@ def _load(args: argparse.Namespace) -> configmod.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from engine import affinity, preflight, supervisor
-    from engine.child import setup_logging
+    from engine.core import affinity, supervisor
+    from engine.core.child import setup_logging
+    from engine.ops import preflight
 
     if args.source:
         args.set.append(f'engine.source="{args.source}"')
@@ -62,25 +63,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import demo
+    from engine.verify.demo import demo
 
     return demo(args)
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
-    from engine import mesim
+    from engine.sim import mesim
 
     return mesim.main(args.sim_args)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from engine.security import keys_main
+    from engine.core.security import keys_main
 
     return keys_main(args.keys_args)
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from engine.recover import recover
+    from engine.ops.recover import recover
 
     config = _load(args)
     return _run_async(recover(config, args.shard, from_store=args.from_store,
@@ -88,20 +89,20 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from engine.status import status
+    from engine.ops.status import status
 
     config = _load(args)
     return _run_async(status(config, as_json=args.json))
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from engine.top import top
+    from engine.ops.top import top
 
     return top(_load(args), once=args.once, interval_s=args.interval)
 
 
 def cmd_balances(args: argparse.Namespace) -> int:
-    from engine.store import open_store
+    from engine.core.store import open_store
 
     config = _load(args)
 
@@ -126,11 +127,11 @@ def cmd_balances(args: argparse.Namespace) -> int:
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
-    from engine.store import open_store
+    from engine.core.store import open_store
 
     config = _load(args)
     if config.store.kind == "cassandra":
-        from engine.store.schema import migrate
+        from engine.core.store.schema import migrate
 
         for statement in _run_async(migrate(config.store.cassandra)):
             print(statement.strip().splitlines()[0])
@@ -146,9 +147,9 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine.checker import check
-    from engine.errors import EXIT_VERIFY_FAILED
-    from engine.store import open_store
+    from engine.core.errors import EXIT_VERIFY_FAILED
+    from engine.core.store import open_store
+    from engine.verify.checker import check
 
     config = _load(args)
 
@@ -256,15 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:  # `settle keys` owns its flags, --help included
-        from engine.security import keys_main
+        from engine.core.security import keys_main
 
         return keys_main(argv[1:])
     if argv[:1] == ["sim"]:  # the simulator owns its flags, --help included
-        from engine import mesim
+        from engine.sim import mesim
 
         return mesim.main(argv[1:])
     if argv[:1] == ["chaos"]:  # so does the chaos suite
-        from engine import chaos
+        from engine.verify import chaos
 
         return chaos.main(argv[1:])
     if argv[:1] == ["bench"]:  # so do the benchmarks
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     if argv[:1] == ["bridge"]:  # so does the Kafka bridge
-        from engine import bridge
+        from engine.kafka import bridge
 
         return bridge.main(argv[1:])
     parser = build_parser()

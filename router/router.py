@@ -1,7 +1,7 @@
 """The router: one SUB socket to the ME, one PUSH socket per shard, nothing else.
 
 Every frame is decoded and checked once here. A sound trade or heartbeat is forwarded, as the very bytes
-the ME sent, to the shard that owns its symbol (:func:`engine.placement.shard_for`). Anything else is
+the ME sent, to the shard that owns its symbol (:func:`engine.core.placement.shard_for`). Anything else is
 quarantined with its reason and counted; it never stops the frames behind it. When a shard's socket is
 full (the shard is restarting or slow) its messages wait in a bounded queue; past the bound they are
 dropped and counted, and the shard's gap detection brings them back from the ME's log. One shard's
@@ -20,14 +20,14 @@ from typing import Final
 import msgspec
 import zmq
 
-from engine import metrics as metricsmod
-from engine import security
-from engine.child import Lifeline, child_args, load_child_config, setup_logging
-from engine.config import Config
-from engine.errors import EXIT_CONFIG, ConfigError
-from engine.messages import Heartbeat, StreamMessage, check_trade, stream_decoder
-from engine.placement import shard_for
-from engine.quarantine import Quarantine
+from engine.core import metrics as metricsmod
+from engine.core import security
+from engine.core.child import Lifeline, child_args, load_child_config, setup_logging
+from engine.core.config import Config
+from engine.core.errors import EXIT_CONFIG, ConfigError
+from engine.core.messages import Heartbeat, StreamMessage, check_trade, stream_decoder
+from engine.core.placement import shard_for
+from engine.core.quarantine import Quarantine
 
 FRAME_BYTES_MAX: Final = 64 * 1024
 DRAIN_BATCH: Final = 4096

@@ -23,9 +23,9 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter
 
-from engine import security
-from engine.config import Config
-from engine.messages import (
+from engine.core import security
+from engine.core.config import Config
+from engine.core.messages import (
     ReplayChunk,
     ReplayEnd,
     ReplayFailed,

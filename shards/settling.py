@@ -12,10 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-from engine.errors import SettleError
-from engine.messages import Trade
-from engine.store import Store
-from engine.store.base import Batch
+from engine.core.errors import SettleError
+from engine.core.messages import Trade
+from engine.core.store import Store
+from engine.core.store.base import Batch
 from shards.state import Sequencer
 
 RETRY_BACKOFF_S_MIN: Final = 0.05
@@ -30,7 +30,7 @@ class SettleStage:
     """Mixed into a shard, which provides ``shard``, ``m`` (its metrics), ``seq`` and ``store``."""
 
     shard: int
-    m: Any  # engine.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled
+    m: Any  # engine.core.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled
     seq: Sequencer
     store: Store | None
 

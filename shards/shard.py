@@ -29,11 +29,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from engine import metrics as metricsmod
-from engine import security
-from engine.child import Lifeline, child_args, load_child_config, setup_logging, stoppable_loop
-from engine.config import Config
-from engine.errors import (
+from engine.core import metrics as metricsmod
+from engine.core import security
+from engine.core.child import Lifeline, child_args, load_child_config, setup_logging, stoppable_loop
+from engine.core.config import Config
+from engine.core.errors import (
     EXIT_CONFIG,
     EXIT_WAL_CORRUPT,
     ConfigError,
@@ -42,14 +42,14 @@ from engine.errors import (
     WalCorruption,
     WalError,
 )
-from engine.messages import Heartbeat, Trade, check_trade, stream_decoder
-from engine.placement import shard_for
-from engine.progress import Progress
-from engine.quarantine import Quarantine
-from engine.settlement import Settler
-from engine.store import Store, open_store
-from engine.store.base import Batch
-from engine.wal import RecoveryReport, ShardWal
+from engine.core.messages import Heartbeat, Trade, check_trade, stream_decoder
+from engine.core.placement import shard_for
+from engine.core.progress import Progress
+from engine.core.quarantine import Quarantine
+from engine.core.settlement import Settler
+from engine.core.store import Store, open_store
+from engine.core.store.base import Batch
+from engine.core.wal import RecoveryReport, ShardWal
 from shards.gaps import GapFiller
 from shards.settling import RETRY_BACKOFF_S_MAX, SettleStage
 from shards.state import Sequencer

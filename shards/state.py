@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.messages import Trade
+from engine.core.messages import Trade
 
 
 @dataclass(slots=True)

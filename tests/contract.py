@@ -18,10 +18,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from engine.errors import ClosedError, StoreRejected
-from engine.messages import Trade, check_trade
-from engine.settlement import Settler
-from engine.store.base import Batch, Position, PositionKey, Store
+from engine.core.errors import ClosedError, StoreRejected
+from engine.core.messages import Trade, check_trade
+from engine.core.settlement import Settler
+from engine.core.store.base import Batch, Position, PositionKey, Store
 
 OpenStore = Callable[[str], Awaitable[Store]]
 FEE = 0  # the fee account
@@ -46,7 +46,7 @@ def trade(
     seller_fee: int = 20,
     trade_id: int | None = None,
 ) -> Trade:
-    """A valid trade (see :func:`engine.messages.check_trade`); every other field gets a sane value."""
+    """A valid trade (see :func:`engine.core.messages.check_trade`); every other field gets a sane value."""
     ident = next(_next_id) if trade_id is None else trade_id
     made = Trade(
         output_sequence=ident,

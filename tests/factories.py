@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.messages import Trade
+from engine.core.messages import Trade
 
 
 def trade(symbol: str = "BTC-USDT", seq: int = 1, **over: Any) -> Trade:

@@ -3,7 +3,7 @@
     with Lan() as lan:                         # a /24 of its own, torn down on exit (also on failure)
         broker = lan.host_address(1)           # "10.213.K.1": on the host's side; servers bind it
         a = lan.add_host("a")                  # namespace with address 10.213.K.11, default route
-        proc = a.popen([sys.executable, "-m", "shards.kafka_shard", ...])   # runs inside "a"
+        proc = a.popen([sys.executable, "-m", "engine.kafka.shard", ...])   # runs inside "a"
         a.impair(delay_ms=50, loss=0.01)       # a's packets out: 50 ms later, 1 % dropped
         a.block([broker])                      # drop everything between a and the broker (partition)
         a.unblock(); a.link_down(); a.link_up() # a's cable pulled at the switch, and back

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import chaos, chaos_faults, lazyfs
-from engine.checker import CheckReport, check
-from engine.melog import read_all
-from engine.messages import Trade
-from engine.store.embedded import EmbeddedStore
-from engine.testbed import System
+from engine.core.messages import Trade
+from engine.core.store.embedded import EmbeddedStore
+from engine.sim.melog import read_all
+from engine.verify import chaos, chaos_faults, lazyfs
+from engine.verify.checker import CheckReport, check
+from engine.verify.testbed import System
 from tests.servers.cassandra import CassandraServer
 
 FEE_ACCOUNT = 0
@@ -202,7 +202,7 @@ def test_all_three_at_once_are_each_reported(settled: System, tmp_path: Path) ->
 
 def test_the_schedule_is_a_pure_function_of_the_seed() -> None:
     def plan(seed: int) -> str:
-        out = subprocess.run([sys.executable, "-m", "engine.chaos", "--seed", str(seed), "--minutes", "20",
+        out = subprocess.run([sys.executable, "-m", "engine.verify.chaos", "--seed", str(seed), "--minutes", "20",
                               "--plan-only"], capture_output=True, text=True, timeout=60, check=True)
         return out.stdout
 
@@ -265,7 +265,7 @@ def test_orphans_of_a_run_are_found_by_their_config(tmp_path: Path) -> None:
 @pytest.mark.xdist_group("cassandra")
 def test_bounded_chaos_run_on_cassandra(tmp_path: Path, cassandra: CassandraServer) -> None:
     run_dir = tmp_path / "chaos"
-    argv = [sys.executable, "-m", "engine.chaos", "--seed", str(CHAOS_SEED), "--minutes", "2.5",
+    argv = [sys.executable, "-m", "engine.verify.chaos", "--seed", str(CHAOS_SEED), "--minutes", "2.5",
             "--trades", "100000", "--rate", "700", "--store", "cassandra", "--cassandra-dir",
             str(cassandra.data_dir), "--data-dir", str(run_dir)]
     with open(tmp_path / "chaos.out", "w+") as out:

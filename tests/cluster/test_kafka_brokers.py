@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from engine.kafka_testbed import KafkaSystem
-from engine.servers import KafkaCluster, ServerError
+from engine.verify.kafka_testbed import KafkaSystem
+from engine.verify.servers import KafkaCluster, ServerError
 from tests.conftest import server_unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hosts")]

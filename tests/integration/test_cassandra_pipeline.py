@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.testbed import System
+from engine.verify.testbed import System
 from tests.conftest import server_unavailable
 from tests.integration.test_pipeline import assert_exact
 from tests.servers.cassandra import CassandraServer, CassandraServerError

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from engine.config import CassandraConfig, ReplicationConfig
-from engine.errors import ConfigError, StoreRejected, StoreUnavailable
-from engine.settlement import Settler
-from engine.store.base import Batch, Store
-from engine.store.cassandra import CassandraStore
-from engine.store.schema import migrate
+from engine.core.config import CassandraConfig, ReplicationConfig
+from engine.core.errors import ConfigError, StoreRejected, StoreUnavailable
+from engine.core.settlement import Settler
+from engine.core.store.base import Batch, Store
+from engine.core.store.cassandra import CassandraStore
+from engine.core.store.schema import migrate
 from tests import contract
 from tests.conftest import unavailable
 from tests.servers.cassandra import CassandraServer, CassandraServerError

@@ -14,8 +14,8 @@ import msgspec
 import pytest
 import zmq
 
-from engine.messages import ReplayChunk, ReplayEnd, encoder, replay_reply_decoder
-from engine.testbed import System
+from engine.core.messages import ReplayChunk, ReplayEnd, encoder, replay_reply_decoder
+from engine.verify.testbed import System
 from tests.integration.test_pipeline import assert_exact
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """The Kafka mode with a real broker and real processes: ME simulator -> bridge -> topic -> Kafka shards.
 
 Each test ends with every trade settled exactly once and every balance equal to the one computed from
-the ME's own log (``engine.checker``), after a fault: a consumer shard SIGKILLed mid-stream (once
+the ME's own log (``engine.verify.checker``), after a fault: a consumer shard SIGKILLed mid-stream (once
 anywhere, once holding a batch the store has not taken), a shard added and then two removed (three
 rebalances), the bridge SIGKILLed, the broker SIGKILLed and restarted.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from engine.kafka_testbed import KafkaSystem
+from engine.verify.kafka_testbed import KafkaSystem
 from tests.conftest import server_unavailable
 from tests.servers.kafka import KafkaServer, KafkaServerError
 
@@ -174,7 +174,7 @@ def test_settle_run_source_kafka_supervises_the_bridge_and_the_consumer_shards(
         make_system: Callable[..., KafkaSystem]) -> None:
     import json
 
-    from engine.demo import start_engine, stop, wait_engine_ready
+    from engine.verify.demo import start_engine, stop, wait_engine_ready
 
     ks = make_system()
     engine = start_engine(ks.config_path, ks.root)  # `settle run` with engine.source = "kafka"

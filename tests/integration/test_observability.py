@@ -27,9 +27,9 @@ from typing import Any, NoReturn
 
 import pytest
 
-from engine.demo import free_port
-from engine.testbed import System
-from engine.top import top
+from engine.ops.top import top
+from engine.verify.demo import free_port
+from engine.verify.testbed import System
 from tests import conftest
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("observability")]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.demo import start_engine
-from engine.errors import EXIT_WAL_CORRUPT
-from engine.testbed import System
+from engine.core.errors import EXIT_WAL_CORRUPT
+from engine.verify.demo import start_engine
+from engine.verify.testbed import System
 from tests.integration.test_pipeline import assert_exact
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ def test_status_balances_and_check_read_the_store(tmp_path: Path) -> None:
         assert "watermark" in text
     finally:
         system.stop()
-    from engine.checker import expected_balances
+    from engine.verify.checker import expected_balances
 
     expected = expected_balances(str(system.log_path), 0)
     account = next(a for (a, _asset) in expected if a != 0)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import affinity
-from engine.testbed import System
+from engine.core import affinity
+from engine.verify.testbed import System
 
 pytestmark = pytest.mark.integration
 

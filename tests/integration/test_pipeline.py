@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import quarantine
-from engine.testbed import System
+from engine.core import quarantine
+from engine.verify.testbed import System
 
 pytestmark = pytest.mark.integration
 
@@ -106,8 +106,8 @@ def test_malformed_flood_is_quarantined_while_trades_keep_settling(tmp_path: Pat
 def test_sigterm_stops_in_order_and_leaves_nothing_pending(tmp_path: Path) -> None:
     import signal as sig
 
-    from engine.status import gather
-    from engine.testbed import System as _System
+    from engine.ops.status import gather
+    from engine.verify.testbed import System as _System
 
     system: _System = System(tmp_path, shards=2)
     try:

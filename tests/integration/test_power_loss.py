@@ -30,10 +30,10 @@ from typing import Any
 
 import pytest
 
-from engine.lazyfs import MODES, PAGE_BYTES, REPO, LazyFS
-from engine.melog import read_all
-from engine.testbed import System
-from engine.wal import ShardWal, scan_stats
+from engine.core.wal import ShardWal, scan_stats
+from engine.sim.melog import read_all
+from engine.verify.lazyfs import MODES, PAGE_BYTES, REPO, LazyFS
+from engine.verify.testbed import System
 from tests.factories import trade
 
 pytestmark = pytest.mark.integration
@@ -82,8 +82,8 @@ class Tally:
 WAL_WRITER = """
 import sys
 from pathlib import Path
-from engine.errors import WalFull
-from engine.wal import ShardWal
+from engine.core.errors import WalFull
+from engine.core.wal import ShardWal
 from tests.factories import trade
 root, segment_bytes_max, symbols = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
 

@@ -24,12 +24,12 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import security
-from engine.demo import _free_port_range
-from engine.mesim import SimConfig, TradeGenerator, symbol_names
-from engine.messages import ReplayRequest, Trade, check_trade, encoder
-from engine.security import KeyPair
-from engine.testbed import System
+from engine.core import security
+from engine.core.messages import ReplayRequest, Trade, check_trade, encoder
+from engine.core.security import KeyPair
+from engine.sim.mesim import SimConfig, TradeGenerator, symbol_names
+from engine.verify.demo import _free_port_range
+from engine.verify.testbed import System
 from tests.integration.test_pipeline import assert_exact
 from tests.servers.cassandra import CassandraServer
 

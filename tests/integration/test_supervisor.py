@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.demo import spawn, start_engine
-from engine.errors import EXIT_CONFIG, EXIT_CRASH_LOOP
-from engine.testbed import System
+from engine.core.errors import EXIT_CONFIG, EXIT_CRASH_LOOP
+from engine.verify.demo import spawn, start_engine
+from engine.verify.testbed import System
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import build_parser
-from engine.mesim import _parser as sim_parser
+from engine.sim.mesim import _parser as sim_parser
 from tests.conftest import unavailable
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.lazyfs import PAGE_BYTES, LazyFS
+from engine.verify.lazyfs import PAGE_BYTES, LazyFS
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from engine import affinity
-from engine import config as configmod
-from engine.errors import ConfigError
+from engine.core import affinity
+from engine.core import config as configmod
+from engine.core.errors import ConfigError
 
 USABLE = affinity.usable_cores()
 
@@ -121,7 +121,7 @@ def thread_affinities(pid: int) -> dict[int, set[int]]:
 
 @pytest.mark.parametrize("core", USABLE[:2])
 def test_apply_pins_the_process_and_the_threads_it_starts(children: list[subprocess.Popen[str]], core: int) -> None:
-    proc = start(children, f"from engine.affinity import apply; apply({core})")
+    proc = start(children, f"from engine.core.affinity import apply; apply({core})")
     assert affinity.read_affinity(proc.pid) == {core}
     threads = thread_affinities(proc.pid)
     assert len(threads) >= 2
@@ -150,7 +150,7 @@ def test_an_unpinned_slot_gets_every_usable_core_back(children: list[subprocess.
 
 def test_apply_to_a_core_this_process_cannot_use() -> None:
     missing = max(USABLE) + 1
-    result = subprocess.run([sys.executable, "-c", f"from engine.affinity import apply; apply({missing})"],
+    result = subprocess.run([sys.executable, "-c", f"from engine.core.affinity import apply; apply({missing})"],
                             capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=60)
     assert result.returncode != 0
     assert f"cannot pin to core {missing}" in result.stderr

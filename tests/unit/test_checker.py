@@ -12,12 +12,12 @@ from dataclasses import replace
 
 import pytest
 
-from engine.checker import CheckReport, check, expected_balances
-from engine.melog import MeLog, read_all
-from engine.mesim import TradeGenerator, sim_config
-from engine.messages import Trade, encoder, split_symbol
-from engine.settlement import Settler, deltas
-from engine.store.base import Batch, Position, PositionKey
+from engine.core.messages import Trade, encoder, split_symbol
+from engine.core.settlement import Settler, deltas
+from engine.core.store.base import Batch, Position, PositionKey
+from engine.sim.melog import MeLog, read_all
+from engine.sim.mesim import TradeGenerator, sim_config
+from engine.verify.checker import CheckReport, check, expected_balances
 
 FEE = 0
 TRADES = 3000

@@ -1,7 +1,7 @@
 import pytest
 
-from engine import config as configmod
-from engine.errors import ConfigError
+from engine.core import config as configmod
+from engine.core.errors import ConfigError
 
 
 def test_shipped_config_file_is_valid_and_matches_defaults() -> None:

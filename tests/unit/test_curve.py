@@ -19,10 +19,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from engine import config as configmod
-from engine import security
-from engine.errors import ConfigError
-from engine.security import CurveServer, KeyPair
+from engine.core import config as configmod
+from engine.core import security
+from engine.core.errors import ConfigError
+from engine.core.security import CurveServer, KeyPair
 
 WAIT_S = 20.0
 
@@ -424,7 +424,7 @@ def test_client_watch_reconnects_after_a_fatal_handshake(ctx: zmq.Context[zmq.So
 
 
 def test_metric_reasons_match_the_classifier() -> None:
-    from engine.metrics import AUTH_REJECT_REASONS
+    from engine.core.metrics import AUTH_REJECT_REASONS
 
     assert tuple(AUTH_REJECT_REASONS) == security.REJECT_REASONS
     assert set(security._REASON_TEXT) | {"unknown_key"} == set(security.REJECT_REASONS)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from engine import metrics
+from engine.core import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "ops" / "grafana"

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from engine import config as configmod
-from engine.messages import encoder
-from engine.store.embedded import EmbeddedStore
-from engine.wal import ShardWal
+from engine.core import config as configmod
+from engine.core.messages import encoder
+from engine.core.store.embedded import EmbeddedStore
+from engine.core.wal import ShardWal
 from shards.shard import Shard
 from tests.factories import trade
 

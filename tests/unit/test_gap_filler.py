@@ -9,8 +9,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from engine.config import Config
-from engine.messages import ReplayChunk, ReplayEnd, encoder
+from engine.core.config import Config
+from engine.core.messages import ReplayChunk, ReplayEnd, encoder
 from shards.gaps import GAP_GRACE_NS, REPLY_TIMEOUT_S, GapFiller
 from shards.state import Sequencer
 from tests.factories import trade as make_trade

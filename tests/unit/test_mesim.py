@@ -16,21 +16,9 @@ import pytest
 import zmq
 from prometheus_client import CollectorRegistry, generate_latest
 
-from engine import records
-from engine.errors import WalError
-from engine.melog import MAGIC, MeLog, _frame_header, read_all
-from engine.mesim import (
-    FEE_ACCOUNT,
-    SimConfig,
-    Simulator,
-    SubscriberTimeout,
-    TradeGenerator,
-    _SimCollector,
-    main,
-    sim_config,
-    symbol_names,
-)
-from engine.messages import (
+from engine.core import records
+from engine.core.errors import WalError
+from engine.core.messages import (
     Heartbeat,
     ReplayChunk,
     ReplayEnd,
@@ -42,6 +30,18 @@ from engine.messages import (
     replay_reply_decoder,
     stream_decoder,
     trade_decoder,
+)
+from engine.sim.melog import MAGIC, MeLog, _frame_header, read_all
+from engine.sim.mesim import (
+    FEE_ACCOUNT,
+    SimConfig,
+    Simulator,
+    SubscriberTimeout,
+    TradeGenerator,
+    _SimCollector,
+    main,
+    sim_config,
+    symbol_names,
 )
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -163,7 +163,7 @@ def test_symbols_and_scales_are_consistent_per_asset() -> None:
 
 
 def test_bad_config_is_refused_by_name() -> None:
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="accounts"):
         sim_config(accounts=1)
@@ -394,7 +394,7 @@ def test_replay_ranges_errors_and_the_past_the_latest_case(
 
 
 def test_replay_chunk_bytes_are_a_replay_chunk(tmp_path: Path) -> None:
-    from engine.mesim import _RawChunk
+    from engine.sim.mesim import _RawChunk
 
     trades = [TradeGenerator(sim_config()).next()[0]]
     raw = encoder.encode(

@@ -4,7 +4,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.placement import shard_for
+from engine.core.placement import shard_for
 
 PINNED_4 = [3, 1, 3, 2]
 PINNED_7 = [1, 6, 0, 6]
@@ -13,7 +13,7 @@ SYMBOLS = [f"S{i:03d}-USDT" for i in range(200)] + ["BTC-USDT", "ETH-BTC"]
 
 def _placement_in_subprocess(seed: str) -> list[int]:
     code = (
-        "import sys, json; from engine.placement import shard_for; "
+        "import sys, json; from engine.core.placement import shard_for; "
         f"print(json.dumps([shard_for(s, 7) for s in {SYMBOLS!r}]))"
     )
     out = subprocess.run(

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from engine import config as configmod
-from engine import preflight, security
-from engine.errors import ConfigError
-from engine.preflight import Finding
+from engine.core import config as configmod
+from engine.core import security
+from engine.core.errors import ConfigError
+from engine.ops import preflight
+from engine.ops.preflight import Finding
 
 
 def make(tmp_path: Path, overrides: dict[str, Any] | None = None) -> configmod.Config:

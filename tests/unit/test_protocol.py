@@ -6,9 +6,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine import messages
 from engine.cli import build_parser
-from engine.messages import Heartbeat, ReplayEnd, ReplayRequest, Trade, encoder
+from engine.core import messages
+from engine.core.messages import Heartbeat, ReplayEnd, ReplayRequest, Trade, encoder
 
 DOC = Path("docs/protocol.md").read_text()
 

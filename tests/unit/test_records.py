@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.records import HEADER_BYTES, MAGIC_BYTES, PAYLOAD_BYTES_MAX, TYPE_TRADE, encode, iter_file, scan
+from engine.core.records import HEADER_BYTES, MAGIC_BYTES, PAYLOAD_BYTES_MAX, TYPE_TRADE, encode, iter_file, scan
 
 MAGIC = b"TESTMAG1"
 payloads = st.binary(min_size=1, max_size=300)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as configmod
-from engine import hostile
-from engine.messages import encoder
-from engine.placement import shard_for
+from engine.core import config as configmod
+from engine.core.messages import encoder
+from engine.core.placement import shard_for
+from engine.sim import hostile
 from router.router import Router
 from tests.factories import trade
 
@@ -27,7 +27,7 @@ def routed(r: Router, shard: int) -> int:
 @pytest.mark.parametrize("kind", hostile.KINDS)
 def test_every_hostile_frame_is_quarantined_with_its_reason(router: Router, kind: str) -> None:
     frame = hostile.GENERATORS[kind](random.Random(7))
-    router.route(frame, __import__("engine.messages", fromlist=["x"]).stream_decoder())
+    router.route(frame, __import__("engine.core.messages", fromlist=["x"]).stream_decoder())
     assert sum(routed(router, s) for s in range(3)) == 0
     assert router.quarantine.count == 1
     record = json.loads(router.quarantine.path.read_text().splitlines()[0])
@@ -37,7 +37,7 @@ def test_every_hostile_frame_is_quarantined_with_its_reason(router: Router, kind
 
 
 def test_valid_trades_go_to_their_shard_even_between_bad_frames(router: Router) -> None:
-    from engine.messages import stream_decoder
+    from engine.core.messages import stream_decoder
 
     decoder = stream_decoder()
     rng = random.Random(1)

@@ -4,9 +4,9 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.messages import check_trade, notional
-from engine.settlement import Settler, deltas
-from engine.store.base import Batch, Position, PositionKey
+from engine.core.messages import check_trade, notional
+from engine.core.settlement import Settler, deltas
+from engine.core.store.base import Batch, Position, PositionKey
 from tests.factories import trade
 
 

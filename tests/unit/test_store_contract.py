@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import StoreUnavailable
-from engine.store import embedded
-from engine.store.base import Batch, Store
-from engine.store.embedded import EmbeddedStore
+from engine.core.errors import StoreUnavailable
+from engine.core.store import embedded
+from engine.core.store.base import Batch, Store
+from engine.core.store.embedded import EmbeddedStore
 from tests import contract
 
 

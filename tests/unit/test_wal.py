@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import ClosedError, WalCorruption, WalError, WalFull
-from engine.messages import Trade, encoder, trade_decoder
-from engine.records import HEADER_BYTES, MAGIC_BYTES, encode
-from engine.wal import MAGIC, ShardWal, SymbolStats, scan_stats, segment_name
+from engine.core.errors import ClosedError, WalCorruption, WalError, WalFull
+from engine.core.messages import Trade, encoder, trade_decoder
+from engine.core.records import HEADER_BYTES, MAGIC_BYTES, encode
+from engine.core.wal import MAGIC, ShardWal, SymbolStats, scan_stats, segment_name
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDC"]
 ID_BASE = 2**40  # ids this large encode to a fixed width, so records differ in size only by seq and symbol

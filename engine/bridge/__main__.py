@@ -1,0 +1,3 @@
+from engine.kafka.bridge import main
+
+raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Validated, immutable configuration, built once at start-up from a TOML file and CLI overrides.
+
+Nothing here reads the environment at import time. A bad value fails start-up with a
+:class:`~engine.core.errors.ConfigError` naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from engine.core.affinity import CpuConfig
+from engine.core.errors import ConfigError
+from engine.core.security import SecurityConfig
+from engine.kafka.config import KafkaConfig
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Endpoint = Annotated[str, msgspec.Meta(pattern=r"^(tcp|ipc)://.+$")]
+
+
+class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    shards: PositiveInt | Literal["auto"] = "auto"
+    data_dir: str = "var"  # WALs, ipc sockets, quarantine files, logs; relative to the working directory
+    fee_account: Annotated[int, msgspec.Meta(ge=0)] = 0
+    disk_free_bytes_min: Annotated[int, msgspec.Meta(ge=0)] = 1 << 30  # `settle run` refuses to start below; 0 = off
+    source: Literal["zmq", "kafka"] = "zmq"  # zmq: router + WAL shards; kafka: consumer-group shards (docs/kafka.md)
+
+
+class MEConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    publish: Endpoint = "tcp://127.0.0.1:5555"  # the ME's PUB socket; the router subscribes to it
+    replay: Endpoint = "tcp://127.0.0.1:5556"  # the ME's replay endpoint (ROUTER)
+    heartbeat_interval_ms: PositiveInt = 500
+
+
+class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    transport: Literal["ipc", "tcp"] = "ipc"
+    tcp_host: str = "127.0.0.1"
+    tcp_base_port: Port = 5600  # shard N listens on tcp_base_port + N when transport = "tcp"
+    shard_queue_max: PositiveInt = 200_000  # messages held per shard while its socket is full
+    rcvhwm: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
+
+
+class WalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    batch_trades_max: PositiveInt = 4096
+    fsync_wait_us_max: PositiveInt = 2000
+    segment_bytes_max: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
+    pending_trades_max: PositiveInt = 500_000  # fsynced but not yet in the store; beyond it intake pauses
+    gap_buffer_max: PositiveInt = 100_000  # trades held per symbol behind an open gap
+    fsync: bool = True  # false only for benchmarks that measure what fsync costs
+
+
+class ReplicationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    strategy: Literal["SimpleStrategy", "NetworkTopologyStrategy"] = "SimpleStrategy"
+    replication_factor: PositiveInt = 1  # SimpleStrategy
+    datacenters: dict[str, PositiveInt] = {}  # NetworkTopologyStrategy: {"dc1": 3}
+
+
+class CassandraConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    contact_points: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1"])
+    port: Port = 9042
+    keyspace: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,47}$")] = "settle"
+    replication: ReplicationConfig = ReplicationConfig()
+    consistency: Literal["ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "ALL", "EACH_QUORUM"] = "LOCAL_QUORUM"
+    local_dc: str | None = None
+    username: str | None = None
+    password_file: str | None = None  # a file holding the password; never logged
+    password_env: str | None = None  # or the name of an environment variable holding it
+    tls_ca_file: str | None = None
+    requests_in_flight_max: PositiveInt = 256
+    request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    logged_batches: bool = False
+    create_schema: bool = True  # create keyspace and tables on first start
+
+
+class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    kind: Literal["embedded", "cassandra", "null"] = "embedded"  # "null": benchmarks only, writes discarded
+    path: str = "var/settle.db"  # embedded store file
+    cassandra: CassandraConfig = CassandraConfig()
+
+
+class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    supervisor_port: Port = 9400
+    router_port: Port = 9401
+    simulator_port: Port = 9402
+    shard_port_base: Port = 9410  # shard N serves on shard_port_base + N
+
+
+class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    ready_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    heartbeat_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 15.0
+    restart_backoff_s_max: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    crash_loop_restarts: PositiveInt = 8  # this many restarts of one slot within the window halt the engine
+    crash_loop_window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    drain_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    engine: EngineConfig = EngineConfig()
+    me: MEConfig = MEConfig()
+    router: RouterConfig = RouterConfig()
+    wal: WalConfig = WalConfig()
+    store: StoreConfig = StoreConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    security: SecurityConfig = SecurityConfig()
+    cpu: CpuConfig = CpuConfig()
+    kafka: KafkaConfig = KafkaConfig()
+
+    @property
+    def shard_count(self) -> int:
+        if self.engine.shards == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.engine.shards
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.engine.data_dir)
+
+    def wal_path(self, shard: int) -> Path:
+        return self.data_path / "wal" / f"shard-{shard}"
+
+    def shard_endpoint(self, shard: int) -> str:
+        if self.router.transport == "tcp":
+            return f"tcp://{self.router.tcp_host}:{self.router.tcp_base_port + shard}"
+        return f"ipc://{(self.data_path / 'run' / f'shard-{shard}.sock').resolve()}"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.data_path / "quarantine"
+
+
+_PATH_RE = re.compile(r"at `\$((?:\.[A-Za-z_0-9]+|\[\d+\])*)`")
+
+
+def _value_at(raw: dict[str, Any], path: str) -> Any:
+    value: Any = raw
+    for part in re.findall(r"\.([A-Za-z_0-9]+)|\[(\d+)\]", path):
+        key, index = part
+        try:
+            value = value[key] if key else value[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+IPC_PATH_MAX: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
+
+
+def _check_ipc_paths(config: Config, source: str) -> Config:
+    """A shard socket path past what a unix socket takes would only fail in the shard, as a crash loop."""
+    endpoint = config.shard_endpoint(max(0, config.shard_count - 1))
+    path = endpoint.removeprefix("ipc://")
+    if path != endpoint and len(os.fsencode(path)) > IPC_PATH_MAX:
+        raise ConfigError(f"{source}: key 'engine.data_dir' has value {config.engine.data_dir!r}; the shard socket "
+                          f"{path} is longer than the {IPC_PATH_MAX} bytes a unix socket path may have: choose a "
+                          "shorter engine.data_dir, or router.transport = \"tcp\"")
+    return config
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return _check_ipc_paths(msgspec.convert(raw, Config), source)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        match = _PATH_RE.search(message)
+        if match is None:
+            raise ConfigError(f"{source}: {message}") from None
+        key = match.group(1).lstrip(".")
+        expected = message[: match.start()].rstrip(" -")
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", expected)
+        if unknown:
+            full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            raise ConfigError(f"{source}: unknown key {full!r}; see config/settle.toml for the keys") from None
+        value = _value_at(raw, match.group(1))
+        expected = expected.replace("Invalid enum value", "expected one of the documented values, got")
+        raise ConfigError(f"{source}: key {key!r} has value {value!r}; {expected}") from None
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply a CLI override such as ``wal.batch_trades_max=512`` to the raw dict before validation."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a table")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` where value is read as a TOML value when it parses as one, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. wal.batch_trades_max=512")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{source}: not valid TOML/JSON: {e}") from None
+    for override in overrides or []:
+        key, value = parse_override(override)
+        set_dotted(raw, key, value)
+    return from_dict(raw, source)
+
+
+def dump(config: Config) -> dict[str, Any]:
+    result: dict[str, Any] = msgspec.to_builtins(config)
+    return result

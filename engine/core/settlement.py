@@ -1,0 +1,165 @@
+"""The settlement arithmetic, and folding trades into absolute positions idempotently.
+
+For a trade on ``BASE-QUOTE`` with ``n = price * qty // 10**qty_scale`` (quote minor units, rounded
+down), all amounts in minor units:
+
+=============  ======================  ============================
+account        BASE                    QUOTE
+=============  ======================  ============================
+buyer          ``+qty``                ``-(n + buyer_fee)``
+seller         ``-qty``                ``+(n - seller_fee)``
+fee account    0                       ``+(buyer_fee + seller_fee)``
+=============  ======================  ============================
+
+Every column sums to zero, so every asset's total over all accounts is conserved.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Final
+
+from engine.core.messages import SCALE_MAX, Trade, notional, split_symbol
+from engine.core.store.base import ZERO, Batch, Position, PositionKey, Store
+
+_POW10: Final = tuple(10**scale for scale in range(SCALE_MAX + 1))
+
+
+def deltas(trade: Trade, fee_account: int) -> dict[tuple[int, str], int]:
+    """(account, asset) -> change in minor units. Entries for the same account are merged."""
+    base, quote = split_symbol(trade.symbol)
+    value = notional(trade)
+    out: defaultdict[tuple[int, str], int] = defaultdict(int)
+    out[(trade.buyer, base)] += trade.qty
+    out[(trade.buyer, quote)] -= value + trade.buyer_fee
+    out[(trade.seller, base)] -= trade.qty
+    out[(trade.seller, quote)] += value - trade.seller_fee
+    fees = trade.buyer_fee + trade.seller_fee
+    if fees:
+        out[(fee_account, quote)] += fees
+    return dict(out)
+
+
+def position_keys(trades: Iterable[Trade], fee_account: int) -> set[PositionKey]:
+    keys: set[PositionKey] = set()
+    for trade in trades:
+        for account, asset in deltas(trade, fee_account):
+            keys.add((account, asset, trade.symbol))
+    return keys
+
+
+class _Book:
+    """One symbol's cached positions: ``account * 2`` holds the base asset, ``account * 2 + 1`` the quote."""
+
+    __slots__ = ("symbol", "base", "quote", "plain", "positions")
+
+    def __init__(self, symbol: str) -> None:
+        self.symbol = symbol
+        self.base, self.quote = split_symbol(symbol)
+        self.plain = self.base != self.quote  # the unrolled arithmetic applies (see Settler._plan)
+        self.positions: dict[int, list[int]] = {}  # int key -> [amount, last_seq]
+
+    def key(self, ikey: int) -> PositionKey:
+        account, quote = divmod(ikey, 2)
+        return account, self.quote if quote else self.base, self.symbol
+
+    def ikey(self, account: int, asset: str) -> int:
+        return account * 2 + (asset != self.base)
+
+
+class Settler:
+    """Turns batches of trades into store batches of absolute positions.
+
+    The settler holds the positions of its shard's symbols in memory (it is their only writer) and
+    reads a position from the store the first time it touches it. A trade changes a position only when
+    its sequence is above the position's ``last_seq``: a position already holding that trade (a batch
+    that partly reached the store before a crash) is left as it is.
+
+    This is the shard's hot path, so the cache is shaped for it: per symbol, integer keys
+    (:class:`_Book`) and ``[amount, last_seq]`` lists updated in place; a batch gets one
+    :class:`Position` per key it touched, made once at the end. The arithmetic is :func:`deltas`,
+    unrolled for the common case (buyer, seller and fee account all distinct).
+    """
+
+    def __init__(self, store: Store, fee_account: int) -> None:
+        self._store = store
+        self._fee_account = fee_account
+        self._books: dict[str, _Book] = {}
+
+    @property
+    def cached_positions(self) -> int:
+        return sum(len(book.positions) for book in self._books.values())
+
+    def _plan(self, trade: Trade, book: _Book) -> tuple[int, ...]:
+        """``(ikey, change, ikey, change, ...)`` of one trade, entries for the same key merged."""
+        buyer, seller, fee, scale = trade.buyer, trade.seller, self._fee_account, trade.qty_scale
+        if book.plain and buyer != seller and fee != buyer and fee != seller and 0 <= scale <= SCALE_MAX:
+            qty, buyer_fee, seller_fee = trade.qty, trade.buyer_fee, trade.seller_fee
+            value = trade.price * qty // _POW10[scale]
+            b, s = buyer * 2, seller * 2
+            fees = buyer_fee + seller_fee
+            if fees:
+                return b, qty, b + 1, -(value + buyer_fee), s, -qty, s + 1, value - seller_fee, fee * 2 + 1, fees
+            return b, qty, b + 1, -value, s, -qty, s + 1, value
+        out: list[int] = []
+        for (account, asset), change in deltas(trade, fee).items():
+            out += (book.ikey(account, asset), change)
+        return tuple(out)
+
+    async def prepare(self, trades: list[Trade]) -> Batch:
+        """Fold ``trades`` (each symbol's in sequence order) into a store batch.
+
+        The cache moves forward at once: when ``store.write(batch)`` fails, retry that same batch until
+        it succeeds; never prepare the same trades again (they would fold to nothing).
+        """
+        books = self._books
+        plan = self._plan
+        planned: list[tuple[_Book, tuple[int, ...]]] = []
+        missing: dict[_Book, set[int]] = {}
+        for trade in trades:
+            book = books.get(trade.symbol)
+            if book is None:
+                book = books[trade.symbol] = _Book(trade.symbol)
+            changes = plan(trade, book)
+            planned.append((book, changes))
+            positions = book.positions
+            for ikey in changes[::2]:
+                if ikey not in positions:
+                    absent = missing.get(book)
+                    if absent is None:
+                        absent = missing[book] = set()
+                    absent.add(ikey)
+        if missing:
+            wanted = {book.key(ikey): (book, ikey) for book, absent in missing.items() for ikey in absent}
+            loaded = await self._store.load_positions(list(wanted))
+            for key, (book, ikey) in wanted.items():
+                row = loaded.get(key, ZERO)
+                book.positions[ikey] = [row.amount, row.last_seq]
+        touched: dict[_Book, dict[int, list[int]]] = {}
+        watermarks: dict[str, int] = {}
+        for trade, (book, changes) in zip(trades, planned, strict=True):
+            symbol, seq = trade.symbol, trade.seq
+            assert watermarks.get(symbol, 0) < seq, f"{symbol} seq {seq} out of order in a batch"
+            watermarks[symbol] = seq
+            positions = book.positions
+            mine = touched.get(book)
+            if mine is None:
+                mine = touched[book] = {}
+            pairs = iter(changes)
+            for ikey, change in zip(pairs, pairs, strict=True):
+                current = positions[ikey]
+                if seq > current[1]:
+                    current[0] += change
+                    current[1] = seq
+                    mine[ikey] = current
+        out: dict[PositionKey, Position] = {}
+        for book, mine in touched.items():
+            key_of = book.key
+            for ikey, current in mine.items():
+                out[key_of(ikey)] = Position(current[0], current[1])
+        return Batch(trades, out, watermarks)
+
+    def forget(self) -> None:
+        """Drop the cache (after the store may have been written by someone else, e.g. offline recover)."""
+        self._books.clear()

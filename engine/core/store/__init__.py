@@ -1,0 +1,24 @@
+"""Settlement stores: the embedded SQLite store and the ScyllaDB/Cassandra store share one contract."""
+
+from __future__ import annotations
+
+from engine.core.config import StoreConfig
+from engine.core.store.base import Batch, Position, PositionKey, Store
+
+__all__ = ["Batch", "Position", "PositionKey", "Store", "open_store"]
+
+
+async def open_store(config: StoreConfig, *, create_schema: bool | None = None) -> Store:
+    """The store the configuration names, connected and ready."""
+    if config.kind == "null":  # benchmarks only: every write discarded
+        from bench.nullstore import NullStore
+
+        return await NullStore.open()
+    if config.kind == "embedded":
+        from engine.core.store.embedded import EmbeddedStore
+
+        return await EmbeddedStore.open(config.path)
+    from engine.core.store.cassandra import CassandraStore
+
+    create = config.cassandra.create_schema if create_schema is None else create_schema
+    return await CassandraStore.open(config.cassandra, create_schema=create)

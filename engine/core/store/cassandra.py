@@ -1,0 +1,580 @@
+"""The ScyllaDB/Cassandra store: one driver session per store object (so, per shard process).
+
+Idempotence without transactions or counters: every write carries ``USING TIMESTAMP`` derived from
+the symbol sequence (a position's ``last_seq``, a ledger row's or a watermark's ``seq``). Cells are
+last-write-wins by timestamp, so a replay writes the same cells with the same timestamps (no change),
+and a stale replay carries smaller timestamps than what the store holds (ignored). Nothing else may
+write these tables without such a timestamp: a plain write would stamp wall-clock microseconds and
+win over every later sequence-stamped write. ``docs/storage.md`` has the whole argument.
+
+The driver runs its own I/O thread. A read's future is bridged onto the event loop with
+``call_soon_threadsafe``; a batch's writes are sent from the driver's thread, each answer sending the
+next, and the loop is woken once when all have answered. Requests in flight are bounded per store
+operation, and every request is retried with backoff a bounded number of times before
+:class:`~engine.core.errors.StoreUnavailable` is raised: a call never hangs on a dead server, and the shard's
+own retry loop takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cassandra import (
+    AuthenticationFailed,
+    ConsistencyLevel,
+    CoordinationFailure,
+    OperationTimedOut,
+    RequestValidationException,
+    Timeout,
+    Unavailable,
+)
+from cassandra.auth import PlainTextAuthProvider
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.connection import ConnectionBusy, ConnectionException
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
+from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
+from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement, tuple_factory
+
+from engine.core.config import CassandraConfig
+from engine.core.errors import ClosedError, ConfigError, StoreRejected, StoreUnavailable
+from engine.core.store.base import Batch, Position, PositionKey
+from engine.core.store.schema import check_batch, cql_statements, ledger_bucket, ledger_ints, sum_by_asset
+
+log = logging.getLogger(__name__)
+
+RETRY_ATTEMPTS: Final = 6  # per request at most; then StoreUnavailable
+RETRY_TIMEOUTS: Final = 2  # no new attempt after this many request_timeout_s: a call ends within ~3 of them
+RETRY_DELAY_S_FIRST: Final = 0.05
+RETRY_DELAY_S_MAX: Final = 2.0
+SCHEMA_TIMEOUT_S_MIN: Final = 30.0
+PAGE_ROWS: Final = 5000
+IN_VALUES_MAX: Final = 100  # ScyllaDB refuses larger IN lists on clustering keys by default
+# Rows per single-partition UNLOGGED batch: keeps each batch under Cassandra's 5 KiB
+# batch_size_warn_threshold (ScyllaDB's default threshold is 128 KiB).
+LEDGER_ROWS_PER_BATCH: Final = 16
+POSITIONS_PER_BATCH: Final = 32
+LOGGED_TRADES_PER_BATCH: Final = 4  # logged mode: trades (with the positions they finish) per LOGGED batch
+
+# Errors a later attempt may not see: the server is slow, down, restarting or overloaded.
+RETRIABLE: Final = (
+    OperationTimedOut,  # the driver gave up waiting (request_timeout_s)
+    Timeout,  # ReadTimeout, WriteTimeout: replicas did not answer the coordinator in time
+    Unavailable,  # too few replicas alive for the consistency level
+    CoordinationFailure,  # ReadFailure, WriteFailure: a replica failed the request
+    NoHostAvailable,  # no node could be reached
+    ConnectionException,  # a connection broke (e.g. the node was killed mid-request)
+    ConnectionBusy,
+    OverloadedErrorMessage,
+    IsBootstrappingErrorMessage,
+)
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    ledger: PreparedStatement
+    ledger_bucket: PreparedStatement
+    position: PreparedStatement
+    watermark: PreparedStatement
+    account_rows: PreparedStatement
+    account_assets: PreparedStatement
+    all_positions: PreparedStatement
+    all_watermarks: PreparedStatement
+    buckets: PreparedStatement
+    bucket_symbols: PreparedStatement
+    ledger_rows: PreparedStatement
+
+
+_CQL: Final = {
+    "ledger": "INSERT INTO {ks}.ledger (symbol, bucket, seq, trade_id, output_sequence, buyer, seller, "
+    "price, qty, buyer_fee, seller_fee, ts_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?",
+    "ledger_bucket": "INSERT INTO {ks}.ledger_buckets (symbol, bucket) VALUES (?, ?) USING TIMESTAMP ?",
+    "position": "INSERT INTO {ks}.positions (account, asset, symbol, amount, last_seq) "
+    "VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?",
+    "watermark": "INSERT INTO {ks}.watermarks (symbol, seq) VALUES (?, ?) USING TIMESTAMP ?",
+    "account_rows": "SELECT asset, symbol, amount, last_seq FROM {ks}.positions WHERE account = ?",
+    "account_assets": "SELECT asset, symbol, amount, last_seq FROM {ks}.positions "
+    "WHERE account = ? AND asset IN ?",
+    "all_positions": "SELECT account, asset, symbol, amount, last_seq FROM {ks}.positions",
+    "all_watermarks": "SELECT symbol, seq FROM {ks}.watermarks",
+    "buckets": "SELECT bucket FROM {ks}.ledger_buckets WHERE symbol = ?",
+    "bucket_symbols": "SELECT DISTINCT symbol FROM {ks}.ledger_buckets",
+    "ledger_rows": "SELECT seq, trade_id FROM {ks}.ledger WHERE symbol = ? AND bucket = ?",
+}
+
+
+def _password(config: CassandraConfig) -> str:
+    """Read at open time, never stored on the store object and never logged."""
+    if config.password_file is not None:
+        try:
+            return Path(config.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as e:
+            raise ConfigError(
+                f"store.cassandra.password_file {config.password_file!r} cannot be read: {e.strerror}"
+            ) from None
+    if config.password_env is not None:
+        value = os.environ.get(config.password_env)
+        if value is None:
+            raise ConfigError(
+                f"store.cassandra.password_env names {config.password_env!r}, "
+                "which is not set in the environment"
+            )
+        return value
+    raise ConfigError(
+        f"store.cassandra.username is {config.username!r} but neither password_file nor password_env is set"
+    )
+
+
+def _connect(config: CassandraConfig) -> tuple[Cluster, Session]:
+    auth = PlainTextAuthProvider(config.username, _password(config)) if config.username is not None else None
+    ssl_context = None
+    if config.tls_ca_file is not None:
+        try:
+            ssl_context = ssl.create_default_context(cafile=config.tls_ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"store.cassandra.tls_ca_file {config.tls_ca_file!r}: {e}") from None
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=config.local_dc or "")),
+        consistency_level=ConsistencyLevel.name_to_value[config.consistency],
+        request_timeout=config.request_timeout_s,
+        row_factory=tuple_factory,
+    )
+    cluster = Cluster(
+        contact_points=list(config.contact_points),
+        port=config.port,
+        protocol_version=4,  # what ScyllaDB speaks
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        auth_provider=auth,
+        ssl_context=ssl_context,
+        # A node that went away is retried every few seconds, not the driver's default of up to 10 min.
+        reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.25, max_delay=4.0),
+        connect_timeout=min(config.request_timeout_s, 10.0),
+        control_connection_timeout=config.request_timeout_s,
+        idle_heartbeat_interval=10,
+        idle_heartbeat_timeout=10,
+    )
+    try:
+        session = cluster.connect()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster, session
+
+
+def _create_schema(session: Session, config: CassandraConfig) -> None:
+    timeout = max(config.request_timeout_s, SCHEMA_TIMEOUT_S_MIN)
+    for statement in cql_statements(config):
+        session.execute(statement, timeout=timeout)
+
+
+def _prepare(session: Session, keyspace: str) -> _Statements:
+    prepared = {}
+    for name, text in _CQL.items():
+        statement = session.prepare(text.format(ks=keyspace))
+        statement.is_idempotent = True  # every statement here is: the driver may retry it on another node
+        prepared[name] = statement
+    return _Statements(**prepared)
+
+
+def _host_errors(error: NoHostAvailable) -> dict[str, object]:
+    """``NoHostAvailable.errors`` maps host -> error, but when the control connection worked and every
+    connection pool failed (a node still starting, or overloaded) the driver passes a list of hosts."""
+    errors = error.errors
+    if isinstance(errors, dict):
+        return errors
+    return {str(host): "could not open a connection pool" for host in errors or ()}
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, NoHostAvailable) and error.errors:
+        reasons = "; ".join(f"{host}: {reason}" for host, reason in list(_host_errors(error).items())[:3])
+        return f"no host available ({reasons})"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _chunks(items: Sequence[tuple[PreparedStatement, Row]], size: int) -> Iterable[Statement]:
+    """Single-partition UNLOGGED batches of at most ``size`` rows (a lone row goes as itself)."""
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        if len(chunk) == 1:
+            statement, values = chunk[0]
+            yield statement.bind(values)
+        else:
+            yield _batch(BatchType.UNLOGGED, chunk)
+
+
+def _batch(kind: Any, rows: Iterable[tuple[PreparedStatement, Row]]) -> BatchStatement:
+    batch = BatchStatement(batch_type=kind)
+    for statement, values in rows:
+        batch.add(statement, values)
+    batch.is_idempotent = True
+    return batch
+
+
+class CassandraStore:
+    """The :class:`~engine.core.store.base.Store` on ScyllaDB/Cassandra. Open with :meth:`open`."""
+
+    def __init__(
+        self, config: CassandraConfig, cluster: Cluster, session: Session, statements: _Statements
+    ) -> None:
+        self._config = config
+        self._where = (
+            f"cassandra at {', '.join(config.contact_points)}:{config.port} keyspace {config.keyspace}"
+        )
+        self._cluster = cluster
+        self._session: Session | None = session
+        self._st = statements
+        self._in_flight = asyncio.Semaphore(config.requests_in_flight_max)
+        self._known_buckets: set[tuple[str, int]] = set()  # ledger_buckets rows this object has written
+
+    @classmethod
+    async def open(cls, config: CassandraConfig, *, create_schema: bool) -> CassandraStore:
+        """Connect, create the schema when asked (idempotent), prepare the statements."""
+        where = f"cassandra at {', '.join(config.contact_points)}:{config.port}"
+        try:
+            cluster, session = await asyncio.to_thread(_connect, config)
+        except NoHostAvailable as e:
+            errors = _host_errors(e)
+            if errors and all(isinstance(r, AuthenticationFailed) for r in errors.values()):
+                raise StoreUnavailable(
+                    f"{where}: authentication failed for user {config.username!r}; check "
+                    "store.cassandra.username and the password it reads"
+                ) from None
+            raise StoreUnavailable(f"{where}: cannot connect: {_describe(e)}; is the server up?") from e
+        except (OperationTimedOut, ConnectionException) as e:
+            raise StoreUnavailable(f"{where}: cannot connect: {_describe(e)}; is the server up?") from e
+        try:
+            if create_schema:
+                await asyncio.to_thread(_create_schema, session, config)
+            statements = await asyncio.to_thread(_prepare, session, config.keyspace)
+        except RequestValidationException as e:
+            await asyncio.to_thread(cluster.shutdown)
+            raise StoreRejected(
+                f"{where}: keyspace {config.keyspace!r} or its tables are missing or wrong ({_describe(e)}); "
+                "run `settle db migrate` or set store.cassandra.create_schema = true"
+            ) from e
+        except BaseException as e:
+            await asyncio.to_thread(cluster.shutdown)
+            if isinstance(e, RETRIABLE):
+                raise StoreUnavailable(f"{where}: preparing the store failed: {_describe(e)}") from e
+            raise
+        log.info(
+            "%s: connected (consistency %s, schema %s)",
+            where,
+            config.consistency,
+            "created if missing" if create_schema else "expected",
+        )
+        return cls(config, cluster, session, statements)
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests holding one of the ``requests_in_flight_max`` slots now (the shard's metrics read it)."""
+        return self._config.requests_in_flight_max - self._in_flight._value
+
+    def __repr__(self) -> str:
+        state = "closed" if self._session is None else "open"
+        return f"CassandraStore({self._where}, {state})"
+
+    # --------------------------------------------------------------------------------------- requests
+
+    async def _request(
+        self, statement: Statement, paging_state: bytes | None = None
+    ) -> tuple[list[Row], bytes | None]:
+        """One request with bounded retries: its rows and the paging state of the next page, if any."""
+        delay = RETRY_DELAY_S_FIRST
+        started = time.monotonic()
+        give_up_at = started + RETRY_TIMEOUTS * self._config.request_timeout_s
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            async with self._in_flight:
+                try:
+                    return await self._once(statement, paging_state)
+                except RETRIABLE as e:
+                    error: BaseException = e
+                except RequestValidationException as e:
+                    raise StoreRejected(f"{self._where}: the server refused a request: {_describe(e)}") from e
+                except ClosedError:
+                    raise
+                except Exception as e:  # an error the driver did not classify: report it, let the shard retry
+                    raise StoreUnavailable(f"{self._where}: request failed: {_describe(e)}") from e
+            if attempt == RETRY_ATTEMPTS or time.monotonic() + delay > give_up_at:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_DELAY_S_MAX)
+        raise StoreUnavailable(
+            f"{self._where}: {_describe(error)} "
+            f"({attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
+        ) from error
+
+    async def _once(self, statement: Statement, paging_state: bytes | None) -> tuple[list[Row], bytes | None]:
+        session = self._session
+        if session is None:
+            raise ClosedError(f"{self._where}: the store is closed")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[list[Row], bytes | None]] = loop.create_future()
+
+        def settle(result: tuple[list[Row], bytes | None] | None, error: BaseException | None) -> None:
+            if done.done():  # cancelled while the request was in flight
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                assert result is not None
+                done.set_result(result)
+
+        def wake(result: tuple[list[Row], bytes | None] | None, error: BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+                pass
+
+        def on_rows(rows: list[Row]) -> None:  # driver thread
+            wake((rows, response.result().paging_state), None)
+
+        def on_error(error: BaseException) -> None:  # driver thread
+            wake(None, error)
+
+        response = session.execute_async(statement, paging_state=paging_state)
+        response.add_callbacks(on_rows, on_error)
+        return await done
+
+    async def _rows(self, statement: Statement) -> list[Row]:
+        """Every row of a query, page by page (each page retried on its own)."""
+        statement.fetch_size = PAGE_ROWS
+        rows, paging_state = await self._request(statement)
+        while paging_state is not None:
+            page, paging_state = await self._request(statement, paging_state)
+            rows.extend(page)
+        return rows
+
+    async def _all(self, statements: Sequence[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None
+                   ) -> None:
+        """Run every statement; the failed ones are sent again with backoff, a bounded number of times. With
+        ``pages``, each statement's first page of rows is appended to it with whether more pages follow."""
+        pending = list(statements)
+        delay = RETRY_DELAY_S_FIRST
+        started = time.monotonic()
+        give_up_at = started + RETRY_TIMEOUTS * self._config.request_timeout_s
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            if not pending:
+                return
+            failures = await self._fan_out(pending, pages)
+            if not failures:
+                return
+            for _, error in failures:
+                if isinstance(error, RequestValidationException):
+                    raise StoreRejected(f"{self._where}: the server refused a request: {_describe(error)}") from error
+                if isinstance(error, ClosedError):
+                    raise error
+                if not isinstance(error, RETRIABLE):
+                    raise StoreUnavailable(f"{self._where}: request failed: {_describe(error)}") from error
+            pending = [statement for statement, _ in failures]
+            if attempt == RETRY_ATTEMPTS or time.monotonic() + delay > give_up_at:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_DELAY_S_MAX)
+        error = failures[0][1]
+        raise StoreUnavailable(
+            f"{self._where}: {_describe(error)} ({len(failures)} of {len(statements)} writes failing after "
+            f"{attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
+        ) from error
+
+    def _fan_out(self, statements: list[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None
+                 ) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
+        """Send ``statements`` with at most ``requests_in_flight_max`` outstanding, each completion sending
+        the next from the driver's own thread (as the driver's ``execute_concurrent`` does), and wake the
+        event loop once, when all have answered: per request no future, no task and no loop wake-up, which
+        cost more than the request itself (a write runs at about twice the rows/s). Resolves to the
+        statements that failed, with their errors."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[tuple[Statement, BaseException]]] = loop.create_future()
+        session = self._session
+        if session is None:
+            done.set_exception(ClosedError(f"{self._where}: the store is closed"))
+            return done
+        lock = threading.Lock()
+        queue = iter(statements)
+        failures: list[tuple[Statement, BaseException]] = []
+        remaining = len(statements)
+        credits = 0  # free slots not yet used by a send
+        pumping = False  # a thread is in pump(): the others only hand it their credit (no recursion when
+        # the driver answers inside add_callbacks, as it does at once when no host is up)
+
+        def resolve() -> None:
+            if not done.done():  # not cancelled meanwhile
+                done.set_result(failures)
+
+        def finish(statement: Statement, error: BaseException | None) -> None:
+            nonlocal remaining
+            with lock:
+                if error is not None:
+                    failures.append((statement, error))
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                try:
+                    loop.call_soon_threadsafe(resolve)
+                except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+                    pass
+            else:
+                pump(1)
+
+        def answered(rows: list[Row], statement: Statement, response: Any) -> None:
+            if pages is not None:
+                pages.append((statement, rows, response.has_more_pages))  # list.append: atomic
+            finish(statement, None)
+
+        def failed(error: BaseException, statement: Statement) -> None:
+            finish(statement, error)
+
+        def pump(slots: int) -> None:
+            nonlocal credits, pumping
+            with lock:
+                credits += slots
+                if pumping:
+                    return
+                pumping = True
+            while True:
+                with lock:
+                    statement = next(queue, None) if credits and not done.done() else None
+                    if statement is None:
+                        pumping = False
+                        return
+                    credits -= 1
+                try:
+                    response = session.execute_async(statement)
+                except Exception as e:  # noqa: BLE001 - e.g. the session shut down: this statement failed
+                    finish(statement, e)
+                    continue
+                response.add_callbacks(answered, errback=failed, callback_args=(statement, response),
+                                       errback_args=(statement,))
+
+        pump(min(len(statements), self._config.requests_in_flight_max))
+        return done
+
+    # ------------------------------------------------------------------------------------------ writes
+
+    async def write(self, batch: Batch) -> None:
+        check_batch(batch)
+        if self._session is None:
+            raise ClosedError(f"{self._where}: the store is closed")
+        st = self._st
+        # A ledger bucket is recorded before any row lands in it, so ledger() finds every row.
+        new_buckets = {(t.symbol, ledger_bucket(t.seq)) for t in batch.trades} - self._known_buckets
+        await self._all([st.ledger_bucket.bind((s, b, b)) for s, b in sorted(new_buckets)])
+        self._known_buckets |= new_buckets
+
+        if self._config.logged_batches:
+            await self._all(self._logged_batches(batch))
+        else:
+            await self._all(self._partition_batches(batch))
+        # Only now: the watermark says the whole batch is in the store.
+        await self._all([st.watermark.bind((s, seq, seq)) for s, seq in batch.watermarks.items()])
+
+    def _partition_batches(self, batch: Batch) -> list[Statement]:
+        st = self._st
+        ledger: defaultdict[tuple[str, int], list[tuple[PreparedStatement, Row]]] = defaultdict(list)
+        for t in batch.trades:
+            bucket = ledger_bucket(t.seq)
+            ledger[(t.symbol, bucket)].append((st.ledger, (t.symbol, bucket, *ledger_ints(t), t.seq)))
+        positions: defaultdict[int, list[tuple[PreparedStatement, Row]]] = defaultdict(list)
+        for (account, asset, symbol), p in batch.positions.items():
+            positions[account].append(
+                (st.position, (account, asset, symbol, p.amount, p.last_seq, p.last_seq))
+            )
+        out: list[Statement] = []
+        for rows in ledger.values():
+            out.extend(_chunks(rows, LEDGER_ROWS_PER_BATCH))
+        for rows in positions.values():
+            out.extend(_chunks(rows, POSITIONS_PER_BATCH))
+        return out
+
+    def _logged_batches(self, batch: Batch) -> list[Statement]:
+        """The design note's way: a LOGGED batch per chunk of trades, holding their ledger rows and the
+        positions whose last trade is among them."""
+        st = self._st
+        chunks: list[list[tuple[PreparedStatement, Row]]] = []
+        chunk_of: dict[tuple[str, int], int] = {}
+        for i, t in enumerate(batch.trades):
+            if i % LOGGED_TRADES_PER_BATCH == 0:
+                chunks.append([])
+            chunks[-1].append((st.ledger, (t.symbol, ledger_bucket(t.seq), *ledger_ints(t), t.seq)))
+            chunk_of[(t.symbol, t.seq)] = len(chunks) - 1
+        for (account, asset, symbol), p in batch.positions.items():
+            index = chunk_of.get((symbol, p.last_seq), len(chunks) - 1)
+            chunks[index].append((st.position, (account, asset, symbol, p.amount, p.last_seq, p.last_seq)))
+        return [_batch(BatchType.LOGGED, rows) for rows in chunks]
+
+    # ------------------------------------------------------------------------------------------- reads
+
+    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
+        wanted = set(keys)
+        assets_of: defaultdict[int, set[str]] = defaultdict(set)
+        for account, asset, _ in wanted:
+            assets_of[account].add(asset)
+        out: dict[PositionKey, Position] = {}
+        statements: list[Statement] = []
+        account_of: dict[int, int] = {}  # id(statement) -> its account
+        for account, assets in assets_of.items():  # one partition each: the account
+            if len(assets) <= IN_VALUES_MAX:
+                statement = self._st.account_assets.bind((account, sorted(assets)))
+            else:
+                statement = self._st.account_rows.bind((account,))
+            statement.fetch_size = PAGE_ROWS
+            statements.append(statement)
+            account_of[id(statement)] = account
+        pages: list[tuple[Statement, list[Row], bool]] = []
+        await self._all(statements, pages)
+        for statement, rows, more in pages:
+            if more:  # a partition past one page: read it whole, page by page
+                rows = await self._rows(statement)
+            account = account_of[id(statement)]
+            for asset, symbol, amount, last_seq in rows:
+                key = (account, asset, symbol)
+                if key in wanted:
+                    out[key] = Position(amount, last_seq)
+        return out
+
+    async def watermarks(self) -> dict[str, int]:
+        return dict(sorted(await self._rows(self._st.all_watermarks.bind(()))))
+
+    async def balances(self, account: int) -> dict[str, int]:
+        rows = await self._rows(self._st.account_rows.bind((account,)))
+        return sum_by_asset((asset, amount) for asset, _, amount, _ in rows)
+
+    async def positions(self) -> dict[PositionKey, Position]:
+        rows = await self._rows(self._st.all_positions.bind(()))
+        return {
+            (account, asset, symbol): Position(amount, seq) for account, asset, symbol, amount, seq in rows
+        }
+
+    async def ledger(self, symbol: str) -> list[tuple[int, int]]:
+        buckets = sorted(bucket for (bucket,) in await self._rows(self._st.buckets.bind((symbol,))))
+        out: list[tuple[int, int]] = []
+        for bucket in buckets:
+            out.extend(
+                (seq, trade_id)
+                for seq, trade_id in await self._rows(self._st.ledger_rows.bind((symbol, bucket)))
+            )
+        return out
+
+    async def ledger_symbols(self) -> list[str]:
+        symbols = {symbol for (symbol,) in await self._rows(self._st.bucket_symbols.bind(()))}
+        symbols.update(await self.watermarks())
+        return sorted(symbols)
+
+    async def close(self) -> None:
+        if self._session is None:
+            return
+        self._session = None
+        await asyncio.to_thread(self._cluster.shutdown)

@@ -1,0 +1,214 @@
+"""The embedded store: one SQLite file shared by every shard process of a box (stdlib only).
+
+SQLite calls run in the caller's thread, the event loop's: a batch of a few hundred trades takes a few
+milliseconds, and handing it to a worker thread cost far more, because binding the rows needs the GIL
+that the shard's loop holds (measured: store writes 4x slower, p50 latency 4x higher at 20k trades/s).
+Only a large batch (more than ``INLINE_TRADES_MAX`` trades: a shard catching up, or flat out) goes to the
+store's own thread, where writing it overlaps the shard's intake (about 10% more trades/s flat out). A
+write waits at most ``busy_timeout_ms`` for another shard's write lock, then fails as unavailable and the
+shard retries it with backoff, so the loop never stalls for long.
+
+A batch is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``) in WAL journal mode with
+``synchronous=FULL``: once :meth:`EmbeddedStore.write` returns, the batch survives a power cut, and the
+shard may delete the WAL segments that held it.
+
+Idempotence follows the contract in :mod:`engine.core.store.base`: ledger rows are ``INSERT OR IGNORE``,
+a position is replaced only by a write carrying a larger ``last_seq``, a watermark only moves up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Final, TypeVar
+
+from engine.core.errors import ClosedError, StoreRejected, StoreUnavailable
+from engine.core.store.base import Batch, Position, PositionKey
+from engine.core.store.schema import check_batch, ledger_ints, sum_by_asset
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS: Final = 2_000  # another shard holds the write lock for a few ms per batch
+INLINE_TRADES_MAX: Final = 2_000  # larger batches are written on the store's thread
+_KEYS_PER_SELECT: Final = 300  # 3 parameters each; under SQLite's oldest 999-parameter limit
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS ledger (
+        symbol TEXT NOT NULL, seq INTEGER NOT NULL, trade_id INTEGER NOT NULL,
+        output_sequence INTEGER NOT NULL, buyer INTEGER NOT NULL, seller INTEGER NOT NULL,
+        price INTEGER NOT NULL, qty INTEGER NOT NULL, buyer_fee INTEGER NOT NULL,
+        seller_fee INTEGER NOT NULL, ts_ns INTEGER NOT NULL,
+        PRIMARY KEY (symbol, seq)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS positions (
+        account INTEGER NOT NULL, asset TEXT NOT NULL, symbol TEXT NOT NULL,
+        amount INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+        PRIMARY KEY (account, asset, symbol))""",
+    """CREATE TABLE IF NOT EXISTS watermarks (symbol TEXT PRIMARY KEY NOT NULL, seq INTEGER NOT NULL)""",
+)
+
+_INSERT_LEDGER: Final = (
+    "INSERT OR IGNORE INTO ledger (symbol, seq, trade_id, output_sequence, buyer, seller, price, qty, "
+    "buyer_fee, seller_fee, ts_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_POSITION: Final = (
+    "INSERT INTO positions (account, asset, symbol, amount, last_seq) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (account, asset, symbol) DO UPDATE SET amount = excluded.amount, "
+    "last_seq = excluded.last_seq WHERE excluded.last_seq > positions.last_seq"
+)
+_UPSERT_WATERMARK: Final = (
+    "INSERT INTO watermarks (symbol, seq) VALUES (?, ?) "
+    "ON CONFLICT (symbol) DO UPDATE SET seq = max(seq, excluded.seq)"
+)
+
+
+def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; write() opens its own.
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if path != ":memory:" and str(mode).lower() != "wal":
+            raise StoreUnavailable(
+                f"embedded store {path}: could not switch to WAL journal mode (got {mode})"
+            )
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class EmbeddedStore:
+    """The :class:`~engine.core.store.base.Store` on SQLite. Open with :meth:`open`."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = conn
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-sqlite")
+
+    @classmethod
+    async def open(cls, path: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> EmbeddedStore:
+        """Open (creating when missing) the database file at ``path``."""
+        try:
+            conn = _connect(path, busy_timeout_ms)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"embedded store {path}: cannot open: {e}") from e
+        return cls(path, conn)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"EmbeddedStore({self._path!r}, {state})"
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, threaded: bool = False) -> T:
+        """Run ``fn(conn)`` (on the store's thread when ``threaded``), translating SQLite errors into store
+        errors."""
+        conn = self._conn
+        if conn is None:
+            raise ClosedError(f"embedded store {self._path} is closed")
+        try:
+            if threaded:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, fn, conn)
+            return fn(conn)
+        except sqlite3.OperationalError as e:
+            # "database is locked" after the busy timeout, disk I/O errors, a full disk: all may pass.
+            raise StoreUnavailable(f"embedded store {self._path}: {e}; retry later") from e
+        except (sqlite3.IntegrityError, sqlite3.DataError, OverflowError) as e:
+            raise StoreRejected(f"embedded store {self._path}: refused a value: {e}") from e
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"embedded store {self._path}: {e}") from e
+
+    async def write(self, batch: Batch) -> None:
+        check_batch(batch)
+        ledger = [(t.symbol, *ledger_ints(t)) for t in batch.trades]
+        positions = [(a, asset, s, p.amount, p.last_seq) for (a, asset, s), p in batch.positions.items()]
+        watermarks = list(batch.watermarks.items())
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT_LEDGER, ledger)
+                conn.executemany(_UPSERT_POSITION, positions)
+                conn.executemany(_UPSERT_WATERMARK, watermarks)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        await self._run(write, threaded=len(ledger) > INLINE_TRADES_MAX)
+
+    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
+        wanted = list(dict.fromkeys(keys))
+
+        def load(conn: sqlite3.Connection) -> dict[PositionKey, Position]:
+            out: dict[PositionKey, Position] = {}
+            for start in range(0, len(wanted), _KEYS_PER_SELECT):
+                chunk = wanted[start : start + _KEYS_PER_SELECT]
+                values = ", ".join(["(?, ?, ?)"] * len(chunk))
+                rows = conn.execute(
+                    "SELECT account, asset, symbol, amount, last_seq FROM positions "
+                    f"WHERE (account, asset, symbol) IN (VALUES {values})",
+                    [part for key in chunk for part in key],
+                )
+                for account, asset, symbol, amount, last_seq in rows:
+                    out[(account, asset, symbol)] = Position(amount, last_seq)
+            return out
+
+        return await self._run(load)
+
+    async def watermarks(self) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute("SELECT symbol, seq FROM watermarks ORDER BY symbol").fetchall())
+
+        return await self._run(read)
+
+    async def balances(self, account: int) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+            return conn.execute(
+                "SELECT asset, amount FROM positions WHERE account = ?", (account,)
+            ).fetchall()
+
+        # Summed in Python: exact for any number of symbols (SQLite's SUM stops at int64).
+        return sum_by_asset(await self._run(read))
+
+    async def positions(self) -> dict[PositionKey, Position]:
+        def read(conn: sqlite3.Connection) -> dict[PositionKey, Position]:
+            rows = conn.execute("SELECT account, asset, symbol, amount, last_seq FROM positions")
+            return {
+                (account, asset, symbol): Position(amount, seq)
+                for account, asset, symbol, amount, seq in rows
+            }
+
+        return await self._run(read)
+
+    async def ledger(self, symbol: str) -> list[tuple[int, int]]:
+        def read(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+            return conn.execute(
+                "SELECT seq, trade_id FROM ledger WHERE symbol = ? ORDER BY seq", (symbol,)
+            ).fetchall()
+
+        return await self._run(read)
+
+    async def ledger_symbols(self) -> list[str]:
+        def read(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT symbol FROM watermarks UNION SELECT DISTINCT symbol FROM ledger ORDER BY 1"
+            )
+            return [symbol for (symbol,) in rows]
+
+        return await self._run(read)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        self._executor.shutdown(wait=True)  # a threaded write still running finishes first
+        if conn is not None:
+            conn.close()

@@ -1,0 +1,147 @@
+"""What the stores hold: the value bounds both enforce, and the CQL schema with its migration.
+
+Both stores keep every integer in a signed 64-bit column (SQLite INTEGER, CQL ``bigint``).
+:func:`check_batch` rejects a batch holding a value outside that range before anything is written, so
+a rejected batch leaves the store untouched.
+
+The CQL tables (``docs/storage.md`` explains the choices)::
+
+    ledger          PRIMARY KEY ((symbol, bucket), seq)   bucket = seq // LEDGER_BUCKET_SEQS
+    ledger_buckets  PRIMARY KEY ((symbol), bucket)        every bucket holding ledger rows
+    positions       PRIMARY KEY ((account), asset, symbol)
+    watermarks      PRIMARY KEY (symbol)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from engine.core.errors import ConfigError, StoreRejected
+from engine.core.store.base import Batch
+
+if TYPE_CHECKING:
+    from engine.core.config import CassandraConfig
+    from engine.core.messages import Trade
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+LEDGER_BUCKET_SEQS: Final = 100_000  # ledger rows per (symbol, bucket) partition
+
+LEDGER_INT_COLUMNS: Final = (
+    "seq",
+    "trade_id",
+    "output_sequence",
+    "buyer",
+    "seller",
+    "price",
+    "qty",
+    "buyer_fee",
+    "seller_fee",
+    "ts_ns",
+)  # the ledger's columns after ``symbol`` (and the CQL ``bucket``), in this order everywhere
+
+
+def ledger_bucket(seq: int) -> int:
+    return seq // LEDGER_BUCKET_SEQS
+
+
+def ledger_ints(trade: Trade) -> tuple[int, ...]:
+    """A trade's ledger values in :data:`LEDGER_INT_COLUMNS` order."""
+    return (
+        trade.seq, trade.trade_id, trade.output_sequence, trade.buyer, trade.seller,
+        trade.price, trade.qty, trade.buyer_fee, trade.seller_fee, trade.ts_ns,
+    )  # fmt: skip
+
+
+def sum_by_asset(rows: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Asset -> exact sum of ``(asset, amount)`` rows (Python ints: no overflow across symbols)."""
+    totals: defaultdict[str, int] = defaultdict(int)
+    for asset, amount in rows:
+        totals[asset] += amount
+    return dict(totals)
+
+
+def _fits(value: int) -> bool:
+    return INT64_MIN <= value <= INT64_MAX
+
+
+def check_batch(batch: Batch) -> None:
+    """Raise :class:`StoreRejected` naming the first value that does not fit a signed 64-bit column."""
+    for trade in batch.trades:
+        values = ledger_ints(trade)
+        if min(values) < INT64_MIN or max(values) > INT64_MAX:
+            name, value = next(
+                (n, v) for n, v in zip(LEDGER_INT_COLUMNS, values, strict=True) if not _fits(v)
+            )
+            raise StoreRejected(
+                f"ledger row {trade.symbol} seq {trade.seq}: {name} = {value} does not fit the store's "
+                f"signed 64-bit range [-2**63, 2**63); the batch was not written"
+            )
+    for (account, asset, symbol), position in batch.positions.items():
+        for name, value in (
+            ("account", account),
+            ("amount", position.amount),
+            ("last_seq", position.last_seq),
+        ):
+            if not _fits(value):
+                raise StoreRejected(
+                    f"position (account {account}, asset {asset}, symbol {symbol}) after seq "
+                    f"{position.last_seq}: {name} = {value} does not fit the store's signed 64-bit range "
+                    f"[-2**63, 2**63); the batch was not written"
+                )
+    for symbol, seq in batch.watermarks.items():
+        if not 0 <= seq <= INT64_MAX:
+            raise StoreRejected(
+                f"watermark {symbol}: seq = {seq} is outside [0, 2**63); the batch was not written"
+            )
+
+
+# ------------------------------------------------------------------------------------------- CQL schema
+
+
+def replication_map(config: CassandraConfig) -> dict[str, str | int]:
+    replication = config.replication
+    if replication.strategy == "SimpleStrategy":
+        return {"class": "SimpleStrategy", "replication_factor": replication.replication_factor}
+    if not replication.datacenters:
+        raise ConfigError(
+            "store.cassandra.replication.datacenters is empty; NetworkTopologyStrategy needs a map of "
+            "data centre to replica count, e.g. {dc1 = 3}"
+        )
+    return {"class": "NetworkTopologyStrategy", **dict(sorted(replication.datacenters.items()))}
+
+
+def _cql_literal(value: str | int) -> str:
+    return str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+
+
+def cql_statements(config: CassandraConfig) -> list[str]:
+    """The idempotent statements that create the keyspace and its tables, in order."""
+    ks = config.keyspace
+    replication = ", ".join(
+        f"{_cql_literal(k)}: {_cql_literal(v)}" for k, v in replication_map(config).items()
+    )
+    return [
+        f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {{{replication}}}",
+        f"CREATE TABLE IF NOT EXISTS {ks}.ledger ("
+        "symbol text, bucket bigint, seq bigint, trade_id bigint, output_sequence bigint, "
+        "buyer bigint, seller bigint, price bigint, qty bigint, buyer_fee bigint, seller_fee bigint, "
+        "ts_ns bigint, PRIMARY KEY ((symbol, bucket), seq)) WITH CLUSTERING ORDER BY (seq ASC)",
+        f"CREATE TABLE IF NOT EXISTS {ks}.ledger_buckets ("
+        "symbol text, bucket bigint, PRIMARY KEY ((symbol), bucket)) WITH CLUSTERING ORDER BY (bucket ASC)",
+        f"CREATE TABLE IF NOT EXISTS {ks}.positions ("
+        "account bigint, asset text, symbol text, amount bigint, last_seq bigint, "
+        "PRIMARY KEY ((account), asset, symbol))",
+        f"CREATE TABLE IF NOT EXISTS {ks}.watermarks (symbol text PRIMARY KEY, seq bigint)",
+    ]
+
+
+async def migrate(config: CassandraConfig) -> list[str]:
+    """Create the keyspace and tables when missing (``settle db migrate``); returns the statements run."""
+    from engine.core.store.cassandra import CassandraStore
+
+    store = await CassandraStore.open(config, create_schema=True)
+    await store.close()
+    return cql_statements(config)

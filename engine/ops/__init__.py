@@ -1,0 +1,1 @@
+"""Operator tools behind the CLI: preflight, status, top, recover."""

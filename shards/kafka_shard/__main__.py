@@ -1,0 +1,3 @@
+from engine.kafka.shard import main
+
+raise SystemExit(main())
