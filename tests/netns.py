@@ -1,7 +1,7 @@
 """Several "hosts" on this machine: Linux network namespaces on one virtual LAN, for multi-host tests.
 
     with Lan() as lan:                         # a /24 of its own, torn down on exit (also on failure)
-        broker = lan.host_address(1)           # "10.213.K.1": on the host's side; servers bind it
+        broker = lan.host_address(2)           # "10.213.K.2": on the machine's side; servers bind it
         a = lan.add_host("a")                  # namespace with address 10.213.K.11, default route
         proc = a.popen([sys.executable, "-m", "engine.kafka.shard", ...])   # runs inside "a"
         a.impair(delay_ms=50, loss=0.01)       # a's packets out: 50 ms later, 1 % dropped
@@ -11,7 +11,9 @@
 
 The LAN is a bridge inside a namespace of its own (the "switch"). Each host namespace has one veth whose
 other end is a port of that bridge; the machine itself has one more port, whose end on the host side
-holds the addresses servers bind (``host_address``). Nothing routes: every address is on one /24, so
+holds the addresses servers bind (``host_address``), after ``.1``, its first address, which the
+machine's own connections into the LAN come from (so blocking a server's address never blocks
+them). Nothing routes: every address is on one /24, so
 the machine's own forwarding settings are never touched, and deleting the namespaces deletes every
 interface, rule and route the LAN made.
 
@@ -59,7 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = Path("/run/settle-netns")  # one lock file per subnet in use: its owner's pid
 SUBNET_PREFIX = "10.213"  # LAN k is 10.213.k.0/24; not routed anywhere on this machine
 SUBNETS = 256
-HOST_OFFSET = 10  # the n-th host namespace gets .(10 + n); host_address(n) is .n for n < 10
+HOST_OFFSET = 10  # the n-th host namespace gets .(10 + n); host_address(n) is .n for 2 <= n < 10
 NAME_PREFIX = "stl"  # namespaces "stl<k>-sw", "stl<k>-<host>"; the host's port "stl<k>h"
 
 
@@ -320,14 +322,16 @@ class Lan:
                "netns", self.switch_ns)
             self._in_switch("link", "set", "up0", "master", "br0", "up")
             sh("ip", "link", "set", self.host_link, "up")
+            self.machine_address = f"{self.prefix}.1"
+            sh("ip", "addr", "add", f"{self.machine_address}/24", "dev", self.host_link)
         except BaseException:
             self.close()
             raise
 
     def host_address(self, n: int) -> str:
-        """The machine's address ``.N`` on this LAN (1 <= N < 10), added on first use. Servers bind it."""
-        if not 1 <= n < HOST_OFFSET:
-            raise ValueError(f"host_address: n must be in [1, {HOST_OFFSET}) (got {n})")
+        """The machine's address ``.N`` on this LAN (2 <= N < 10), added on first use. Servers bind it."""
+        if not 2 <= n < HOST_OFFSET:
+            raise ValueError(f"host_address: n must be in [2, {HOST_OFFSET}) (got {n})")
         address = f"{self.prefix}.{n}"
         if address not in self._host_addresses:
             sh("ip", "addr", "add", f"{address}/24", "dev", self.host_link)

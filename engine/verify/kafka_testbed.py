@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,13 @@ class KafkaSystem(StoreObserver):
     def start_bridge(self, timeout_s: float = 120.0) -> None:
         self._start("bridge", self._argv("engine.kafka.bridge"), timeout_s)
 
-    def start_shard(self, slot: int, timeout_s: float = 60.0) -> None:
-        self._start(f"shard-{slot}", [*self._argv("engine.kafka.shard"), "--shard", str(slot)], timeout_s)
+    def start_shard(self, slot: int, timeout_s: float = 60.0, *, prefix: Sequence[str] = (),
+                    config_path: Path | None = None) -> None:
+        """Start Kafka shard SLOT; PREFIX runs it elsewhere (``ip netns exec NS``: on another host), with
+        the config at CONFIG_PATH (that host's addresses) instead of the system's."""
+        argv = [sys.executable, "-m", "engine.kafka.shard", "--config-json", str(config_path or self.config_path),
+                "--shard", str(slot)]
+        self._start(f"shard-{slot}", [*prefix, *argv], timeout_s)
 
     def pid(self, name: str) -> int:
         return self.children[name].proc.pid

@@ -30,10 +30,10 @@ print(sorted(times)[4] * 1000)
 
 @pytest.fixture
 def echo() -> Iterator[tuple[netns.Lan, str, int]]:
-    """A LAN and a TCP echo server on the machine's address .1 of it."""
+    """A LAN and a TCP echo server on the machine's address .2 of it."""
     netns.require()
     with netns.Lan() as lan:
-        address = lan.host_address(1)
+        address = lan.host_address(2)
         server = socket.socket()
         server.bind((address, 0))
         server.listen(8)
