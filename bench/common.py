@@ -1,7 +1,4 @@
 """Shared pieces: the machine, processes seen through /proc, /metrics scrapes, tables and JSON.
-
-``run_pipeline`` (the older one-call runner used by ``bench.pipeline``) is kept; the scenarios of
-``settle bench`` use :mod:`bench.settlerun`.
 """
 
 from __future__ import annotations
@@ -12,21 +9,11 @@ import os
 import platform
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class PipelineRun:
-    name: str
-    shards: int
-    trades: int
-    seconds: float
-    trades_per_s: float
-    verified: bool
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -206,16 +193,3 @@ def write_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) 
     payload = clean_json(json.loads(json.dumps({"machine": machine(), **payload}, default=_default)))
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return path
-
-
-# ------------------------------------------------------------------------------ the older one-call runner
-
-
-def run_pipeline(name: str, trades: int, shards: int, overrides: dict[str, Any] | None = None,
-                 store: str = "embedded", rate: int = 0, verify: bool = True, symbols: int = 16) -> PipelineRun:
-    """Start engine and simulator on free ports, publish ``trades``, time until the store holds them all."""
-    from bench.settlerun import run_settle
-
-    run = run_settle(name, trades=trades, shards=shards, store=store, publisher="sim", rate=rate,
-                     symbols=symbols, overrides=overrides, verify=verify)
-    return PipelineRun(name, shards, trades, run.seconds, run.trades_per_s, bool(run.verified))

@@ -1,4 +1,5 @@
-"""A benchmark-only store that discards every write: ``[store] kind = "null"``.
+"""A benchmark-only store that discards every write: ``store.factory = "bench.nullstore:NullStore"`` (with
+``engine.benchmark_unsafe = true``; settle refuses it otherwise).
 
 It measures the engine with store writes taken out: router, shard intake, WAL group commit with fsync,
 and the settler's folding all run as usual; ``write`` returns at once. It holds nothing, so a shard

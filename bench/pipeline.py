@@ -11,11 +11,32 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.common import run_pipeline, table, write_json
+from bench.common import table, write_json
+from bench.settlerun import run_settle
 from engine.core.messages import Trade
 from engine.core.wal import ShardWal
+
+
+@dataclass
+class PipelineRun:
+    name: str
+    shards: int
+    trades: int
+    seconds: float
+    trades_per_s: float
+    verified: bool
+
+
+def run_pipeline(name: str, trades: int, shards: int, overrides: dict[str, Any] | None = None,
+                 store: str = "embedded", rate: int = 0, verify: bool = True, symbols: int = 16) -> PipelineRun:
+    """Start engine and simulator on free ports, publish ``trades``, time until the store holds them all."""
+    run = run_settle(name, trades=trades, shards=shards, store=store, publisher="sim", rate=rate,
+                     symbols=symbols, overrides=overrides, verify=verify)
+    return PipelineRun(name, shards, trades, run.seconds, run.trades_per_s, bool(run.verified))
 
 
 def _trades(n: int, symbols: int = 10) -> list[Trade]:

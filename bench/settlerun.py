@@ -41,6 +41,7 @@ from engine.verify.demo import spawn, stop
 from engine.verify.testbed import System
 
 POLL_S = 0.05
+NULL_STORE = "bench.nullstore:NullStore"  # store.factory of the runs with store writes discarded
 METRICS_POLL_S = 0.25  # the null store: a shard's /metrics exposition costs it ~1 ms of CPU to render
 STALL_S = 120.0
 READY_TIMEOUT_S = 300.0
@@ -119,7 +120,7 @@ class Progress:
         try:
             while not self._stop.is_set():
                 try:
-                    if config.store.kind == "null":
+                    if config.store.factory == NULL_STORE:
                         value = self._bench.settled_from_metrics()
                     else:
                         if store is None:
@@ -177,7 +178,10 @@ class Bench:
             if cassandra is None:
                 raise ValueError(f"{name}: the cassandra store needs a running server (CassandraTarget)")
             merged = {**cassandra.overrides(keyspace_name(name)), **merged}
-        self.system = System(self.root, shards=shards, store=store, overrides=merged)
+        if store == "null":  # writes discarded: the engine measured without a store
+            merged = {"store.factory": NULL_STORE, "engine.benchmark_unsafe": True, **merged}
+        self.system = System(self.root, shards=shards, store="embedded" if store == "null" else store,
+                             overrides=merged)
         self.shards = self.system.config.shard_count
         self.publisher: subprocess.Popen[bytes] | None = None
         self.publisher_kind = ""

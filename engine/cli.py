@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from engine.core import config as configmod
+from engine.core.child import run_async
 from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, SettleError, WalError
 
 T = TypeVar("T")
-
-
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +74,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     from engine.ops.recover import recover
 
     config = _load(args)
-    return _run_async(recover(config, args.shard, from_store=args.from_store,
+    return run_async(recover(config, args.shard, from_store=args.from_store,
                               repair_corruption=args.repair_corruption))
 
 
@@ -92,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from engine.ops.status import status
 
     config = _load(args)
-    return _run_async(status(config, as_json=args.json))
+    return run_async(status(config, as_json=args.json))
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -113,7 +103,7 @@ def cmd_balances(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    balances = _run_async(read())
+    balances = run_async(read())
     if args.json:
         print(json.dumps({"account": args.account, "balances": balances}))
     elif not balances:
@@ -131,9 +121,9 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
     config = _load(args)
     if config.store.kind == "cassandra":
-        from engine.core.store.schema import migrate
+        from engine.core.store.cassandra import migrate
 
-        for statement in _run_async(migrate(config.store.cassandra)):
+        for statement in run_async(migrate(config.store.cassandra)):
             print(statement.strip().splitlines()[0])
         return 0
 
@@ -141,7 +131,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
         store = await open_store(config.store)
         await store.close()
 
-    _run_async(create())
+    run_async(create())
     print(f"embedded store ready at {config.store.path}")
     return 0
 
@@ -163,7 +153,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(report.format())
         return 0 if report.ok else EXIT_VERIFY_FAILED
 
-    return _run_async(go())
+    return run_async(go())
 
 
 # ------------------------------------------------------------------------------------------ parser

@@ -13,8 +13,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from engine.core import config as configmod
 from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError
@@ -91,3 +92,16 @@ def stoppable_loop(stop: Callable[[], None]) -> asyncio.AbstractEventLoop:
     loop.add_signal_handler(signal.SIGTERM, on_term)
     loop.add_signal_handler(signal.SIGINT, on_term)
     return loop
+
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion on uvloop (the stdlib loop where uvloop is missing)."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)

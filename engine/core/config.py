@@ -7,6 +7,7 @@ Nothing here reads the environment at import time. A bad value fails start-up wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -17,8 +18,8 @@ import msgspec
 
 from engine.core.affinity import CpuConfig
 from engine.core.errors import ConfigError
+from engine.core.placement import shard_for
 from engine.core.security import SecurityConfig
-from engine.kafka.config import KafkaConfig
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -31,6 +32,7 @@ class EngineConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     fee_account: Annotated[int, msgspec.Meta(ge=0)] = 0
     disk_free_bytes_min: Annotated[int, msgspec.Meta(ge=0)] = 1 << 30  # `settle run` refuses to start below; 0 = off
     source: Literal["zmq", "kafka"] = "zmq"  # zmq: router + WAL shards; kafka: consumer-group shards (docs/kafka.md)
+    benchmark_unsafe: bool = False  # benchmarks only: allows store.factory and wal.fsync = false, which lose trades
 
 
 class MEConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -53,7 +55,7 @@ class WalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     segment_bytes_max: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
     pending_trades_max: PositiveInt = 500_000  # fsynced but not yet in the store; beyond it intake pauses
     gap_buffer_max: PositiveInt = 100_000  # trades held per symbol behind an open gap
-    fsync: bool = True  # false only for benchmarks that measure what fsync costs
+    fsync: bool = True  # false loses acknowledged trades in a crash: refused unless engine.benchmark_unsafe
 
 
 class ReplicationConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -80,7 +82,10 @@ class CassandraConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
 
 
 class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    kind: Literal["embedded", "cassandra", "null"] = "embedded"  # "null": benchmarks only, writes discarded
+    kind: Literal["embedded", "cassandra"] = "embedded"
+    # Benchmarks only: "module:Class" of a store opened instead of `kind` (bench.nullstore discards every write);
+    # refused unless engine.benchmark_unsafe.
+    factory: str = ""
     path: str = "var/settle.db"  # embedded store file
     cassandra: CassandraConfig = CassandraConfig()
 
@@ -101,6 +106,119 @@ class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     crash_loop_restarts: PositiveInt = 8  # this many restarts of one slot within the window halt the engine
     crash_loop_window_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     drain_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+
+TopicName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+Milliseconds = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: TopicName = "settle.trades"
+    partitions: PositiveInt = 16  # fixed for the topic's life: partition = shard_for(symbol, partitions)
+    replication_factor: PositiveInt = 1  # production: 3
+    min_insync_replicas: PositiveInt = 1  # production: 2 (with acks=all a write needs that many replicas)
+    create_topic: bool = True  # the bridge creates the topic when it is missing
+    group_id: str = "settle"
+    session_timeout_ms: Milliseconds = 10_000  # a SIGKILLed shard's partitions move after this
+    heartbeat_interval_ms: Milliseconds = 1_000
+    max_poll_interval_ms: Milliseconds = 300_000  # a shard stuck longer (store down) leaves the group
+    consume_batch_max: PositiveInt = 10_000  # trades per consume call and store batch
+    consume_wait_ms: Milliseconds = 10  # longest wait to fill a batch (bounds the added latency)
+    gap_replay: bool = True  # a hole in the topic (a broker lost acked data) is filled from the ME's log
+    producer_linger_ms: Annotated[int, msgspec.Meta(ge=0)] = 2
+    producer_queue_max: PositiveInt = 200_000  # trades the bridge holds unacknowledged; beyond it, it waits
+    bridge_tail_scan_max: PositiveInt = 20_000  # messages read from each partition's tail at bridge start
+    bridge_metrics_port: Port = 9403
+    run_bridge: bool = True  # `settle run` in Kafka mode supervises the bridge too; false on consumer-only hosts
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_file: str | None = None  # a file holding the password; never logged
+    ssl_ca_file: str | None = None
+    ssl_certificate_file: str | None = None  # client certificate (mutual TLS)
+    ssl_key_file: str | None = None
+    client_options: dict[str, str] = {}  # further librdkafka properties, applied last
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                             f"session_timeout_ms ({self.session_timeout_ms})")
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(f"min_insync_replicas ({self.min_insync_replicas}) exceeds replication_factor "
+                             f"({self.replication_factor})")
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password_file
+        ):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username "
+                             "and sasl_password_file")
+
+    def partition_of(self, symbol: str) -> int:
+        return shard_for(symbol, self.partitions)
+
+    def client_settings(self, client_id: str) -> dict[str, Any]:
+        """librdkafka properties every settle client shares: servers, identity, security."""
+        out: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": client_id,
+            "security.protocol": self.security_protocol,
+            "socket.keepalive.enable": True,
+            "socket.nagle.disable": True,  # small requests must not wait for a delayed ACK (40 ms)
+            "logger": logging.getLogger("settle.kafka.client"),  # rate-limited by engine.kafka.config
+        }
+        if self.sasl_mechanism:
+            out["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            out["sasl.username"] = self.sasl_username
+        if self.sasl_password_file:
+            try:
+                out["sasl.password"] = Path(self.sasl_password_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"kafka.sasl_password_file {self.sasl_password_file!r}: cannot read: "
+                                  f"{e.strerror}") from None
+        for key, value in (("ssl.ca.location", self.ssl_ca_file),
+                           ("ssl.certificate.location", self.ssl_certificate_file),
+                           ("ssl.key.location", self.ssl_key_file)):
+            if value:
+                out[key] = value
+        return out
+
+    def producer_settings(self, client_id: str) -> dict[str, Any]:
+        """The bridge's idempotent producer: per-partition order and no duplicates from its own retries.
+
+        ``message.timeout.ms = 0`` retries forever (a broker restart never expires a trade, so a later one
+        can never land before it), and ``enable.gapless.guarantee`` turns any failure that could leave a hole
+        into a fatal error: the bridge exits and its restart re-produces from the topic's tail.
+        """
+        return {
+            **self.client_settings(client_id),
+            "enable.idempotence": True,
+            "acks": "all",
+            "max.in.flight.requests.per.connection": 5,
+            "enable.gapless.guarantee": True,
+            "message.timeout.ms": 0,
+            "linger.ms": self.producer_linger_ms,
+            "queue.buffering.max.messages": self.producer_queue_max,
+            "partitioner": "consistent",  # never used: every produce names its partition
+            **self.client_options,
+        }
+
+    def consumer_settings(self, client_id: str) -> dict[str, Any]:
+        """A shard's consumer: manual commits only, classic (eager) group protocol."""
+        return {
+            **self.client_settings(client_id),
+            "group.id": self.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "roundrobin",
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": self.heartbeat_interval_ms,
+            "max.poll.interval.ms": self.max_poll_interval_ms,
+            "fetch.wait.max.ms": max(1, min(100, self.consume_wait_ms)),
+            "isolation.level": "read_uncommitted",  # no transactions; no wait for the LSO
+            **self.client_options,
+        }
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -155,6 +273,20 @@ def _value_at(raw: dict[str, Any], path: str) -> Any:
 IPC_PATH_MAX: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
 
 
+def _check_unsafe(config: Config, source: str) -> Config:
+    """Settings that lose trades exist for benchmarks only and need ``engine.benchmark_unsafe = true``."""
+    if config.engine.benchmark_unsafe:
+        return config
+    if config.store.factory:
+        raise ConfigError(f"{source}: key 'store.factory' is {config.store.factory!r}: a store other than the "
+                          "embedded or Cassandra one is for benchmarks only (it may discard every trade); remove "
+                          "the key, or set engine.benchmark_unsafe = true in a benchmark")
+    if not config.wal.fsync:
+        raise ConfigError(f"{source}: key 'wal.fsync' is false: a crash would lose trades already acknowledged; "
+                          "remove the key, or set engine.benchmark_unsafe = true in a benchmark")
+    return config
+
+
 def _check_ipc_paths(config: Config, source: str) -> Config:
     """A shard socket path past what a unix socket takes would only fail in the shard, as a crash loop."""
     endpoint = config.shard_endpoint(max(0, config.shard_count - 1))
@@ -168,7 +300,7 @@ def _check_ipc_paths(config: Config, source: str) -> Config:
 
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     try:
-        return _check_ipc_paths(msgspec.convert(raw, Config), source)
+        return _check_unsafe(_check_ipc_paths(msgspec.convert(raw, Config), source), source)
     except msgspec.ValidationError as e:
         message = str(e)
         match = _PATH_RE.search(message)

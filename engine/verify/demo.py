@@ -132,7 +132,7 @@ async def _watermarks(config: configmod.Config) -> dict[str, int]:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from engine.cli import _run_async
+    from engine.core.child import run_async
 
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="settle-demo-"))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def demo(args: argparse.Namespace) -> int:
                 print(f"settle demo: the simulator exited with {sim.returncode}; see {data_dir / 'logs'}",
                       file=sys.stderr)
                 return EXIT_FAILURE
-            watermarks = _run_async(_watermarks(config))
+            watermarks = run_async(_watermarks(config))
             settled = sum(watermarks.values())
             now = time.monotonic()
             if settled and first_settled_at is None:
@@ -211,7 +211,7 @@ def demo(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    report = _run_async(verify())
+    report = run_async(verify())
     print(report.format())
     if not report.ok:
         print("settle demo: VERIFICATION FAILED", file=sys.stderr)

@@ -24,7 +24,7 @@ changes nothing. What survives of each file's unsynced writes depends on the mod
 
 Directory entries are never torn: an unsynced create, rename or unlink is lost whole.
 
-The file system runs in its own process (``python -m engine.verify.lazyfs serve ...``, on mfusepy and libfuse
+The file system runs in its own process (``python -m engine.verify.lazyfs_server serve ...``, on mfusepy and libfuse
 3; the model and the FUSE operations are in :mod:`engine.verify.lazyfs_server`) and is driven over a Unix
 socket by :class:`LazyFS`, a context manager that mounts it and always unmounts it. Power is cut on
 command (:meth:`LazyFS.crash`) or at an armed point (:meth:`LazyFS.arm`): the Nth matching operation
@@ -36,13 +36,11 @@ and can arm the next point the moment it fires.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes.util
 import errno
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import signal
@@ -170,7 +168,7 @@ class LazyFS:
     def start(self, timeout_s: float = 30.0) -> None:
         self.backing.mkdir(parents=True, exist_ok=True)
         self.mount.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "engine.verify.lazyfs", "serve", str(self.backing), str(self.mount),
+        argv = [sys.executable, "-m", "engine.verify.lazyfs_server", "serve", str(self.backing), str(self.mount),
                 str(self.control), *(f"--protect={pid}" for pid in self.protect)]
         with open(self.log_path, "ab") as log_file:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file,
@@ -319,22 +317,3 @@ def unavailable() -> str | None:
     if importlib.util.find_spec("mfusepy") is None:
         missing.append("the Python package mfusepy (pip install -e '.[chaos]')")
     return "missing " + "; ".join(missing) if missing else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lazyfs", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="mount BACKING at MOUNT, controlled over the Unix socket CONTROL")
-    p.add_argument("backing", type=Path)
-    p.add_argument("mount", type=Path)
-    p.add_argument("control", type=Path)
-    p.add_argument("--protect", type=int, action="append", default=[], help="a pid power loss never kills")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s lazyfs %(levelname)s %(message)s")
-    from engine.verify.lazyfs_server import serve
-
-    return serve(args.backing.resolve(), args.mount.resolve(), args.control, set(args.protect))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,12 @@
 """The LazyFS file system process: the durable-image model, the FUSE operations and the control socket.
 
 See :mod:`engine.verify.lazyfs` for what it does and how it is driven; this module runs inside
-``python -m engine.verify.lazyfs serve`` only (it imports mfusepy when it starts serving).
+``python -m engine.verify.lazyfs_server serve`` only (it imports mfusepy when it starts serving).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import json
@@ -722,3 +723,20 @@ def _control_server(ops: Any, path: Path) -> socketserver.ThreadingUnixStreamSer
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return socketserver.ThreadingUnixStreamServer(str(path), Handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lazyfs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="mount BACKING at MOUNT, controlled over the Unix socket CONTROL")
+    p.add_argument("backing", type=Path)
+    p.add_argument("mount", type=Path)
+    p.add_argument("control", type=Path)
+    p.add_argument("--protect", type=int, action="append", default=[], help="a pid power loss never kills")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s lazyfs %(levelname)s %(message)s")
+    return serve(args.backing.resolve(), args.mount.resolve(), args.control, set(args.protect))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

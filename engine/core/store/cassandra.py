@@ -578,3 +578,10 @@ class CassandraStore:
             return
         self._session = None
         await asyncio.to_thread(self._cluster.shutdown)
+
+
+async def migrate(config: CassandraConfig) -> list[str]:
+    """Create the keyspace and tables when missing (``settle db migrate``); returns the statements run."""
+    store = await CassandraStore.open(config, create_schema=True)
+    await store.close()
+    return cql_statements(config)

@@ -136,12 +136,3 @@ def cql_statements(config: CassandraConfig) -> list[str]:
         "PRIMARY KEY ((account), asset, symbol))",
         f"CREATE TABLE IF NOT EXISTS {ks}.watermarks (symbol text PRIMARY KEY, seq bigint)",
     ]
-
-
-async def migrate(config: CassandraConfig) -> list[str]:
-    """Create the keyspace and tables when missing (``settle db migrate``); returns the statements run."""
-    from engine.core.store.cassandra import CassandraStore
-
-    store = await CassandraStore.open(config, create_schema=True)
-    await store.close()
-    return cql_statements(config)
