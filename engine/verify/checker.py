@@ -1,7 +1,7 @@
 """The invariant checker: proves from the ME's log and the store alone that settlement was exact.
 
 It trusts none of the engine's code: the settlement arithmetic is re-derived here from its documented
-definition (``engine/settlement.py``'s docstring), and the only inputs are the ME log (read with
+definition (``engine/core/settlement.py``'s docstring), and the only inputs are the ME log (read with
 :func:`engine.sim.melog.read_all`) and what the store answers through the Store protocol.
 
 For a trade on ``BASE-QUOTE`` with ``n = price * qty // 10**qty_scale``:

@@ -4,7 +4,7 @@
 run``) and the ME simulator (``settle sim``), and stops all of them. Faults are injected with real
 signals on real pids read from ``run/supervisor.json``.
 
-For chaos runs (``engine/chaos.py``) it also restarts the supervisor itself (:meth:`System.kill_engine`,
+For chaos runs (``engine/verify/chaos.py``) it also restarts the supervisor itself (:meth:`System.kill_engine`,
 :meth:`System.restart_engine`), stops the simulator cleanly and reads its summary (:meth:`System.stop_sim`),
 and watches settlement progress from a thread that keeps one store session open (:class:`ProgressWatch`).
 """

@@ -30,7 +30,7 @@
 # - Ports: an explicit flag wins; otherwise the ports saved in DATA_DIR/ports by the previous start on
 #   that data dir are reused when still free (clients keep the address they know); otherwise free ports.
 #
-# - A cluster (engine.servers.KafkaCluster): each node is started with its own --host and --node-id, the
+# - A cluster (engine.verify.servers.KafkaCluster): each node is started with its own --host and --node-id, the
 #   same static --voters (every node is broker and controller) and --cluster-id (formatted alike), and
 #   --replicas R: the internal topics get R replicas and min.insync.replicas is R-1 (at least 1), so a
 #   topic of R replicas keeps taking acks=all writes with one broker down. The nodes wait for each other:

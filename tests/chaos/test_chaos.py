@@ -40,7 +40,7 @@ CHAOS_RUN_TIMEOUT_S = 900  # a hang guard only: the run is ~4 minutes
 
 
 def effect(trade: Trade) -> dict[tuple[int, str], int]:
-    """The trade's balance changes, from the documented arithmetic (engine/checker.py's docstring)."""
+    """The trade's balance changes, from the documented arithmetic (engine/verify/checker.py's docstring)."""
     base, _, quote = trade.symbol.partition("-")
     n = trade.price * trade.qty // 10**trade.qty_scale
     out: defaultdict[tuple[int, str], int] = defaultdict(int)

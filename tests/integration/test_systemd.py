@@ -96,7 +96,7 @@ def test_engine_unit_policy() -> None:
     s = unit_settings(ROOT / "ops" / "systemd" / "settle.service")
     assert s["ExecStart"] == [f"{INSTALLED} run -c /etc/settle/settle.toml"]
     assert s["Restart"] == ["on-failure"]
-    assert sorted(s["RestartPreventExitStatus"][0].split()) == ["65", "75", "78"]  # engine/errors.py EXIT_*
+    assert sorted(s["RestartPreventExitStatus"][0].split()) == ["65", "75", "78"]  # engine/core/errors.py EXIT_*
     assert s["KillMode"] == ["mixed"]  # SIGTERM to the supervisor only: it stops the children in order
     assert s["KillSignal"] == ["SIGTERM"]
     drain_s = 30.0  # supervisor.drain_timeout_s default; the supervisor waits drain + 5 s per group (2 groups)

@@ -141,7 +141,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_names(tmp_path: Path) -> set[str]:
-    """Every series name the settle processes can export, from the families in engine/metrics.py."""
+    """Every series name the settle processes can export, from the families in engine/core/metrics.py."""
     registry = metrics.new_registry()
     metrics.ShardMetrics(registry, 0, wal_dir=tmp_path)
     router = CollectorRegistry()
