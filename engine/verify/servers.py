@@ -16,6 +16,7 @@ The first start on a machine fetches the jars (10-15 s); later starts take a few
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import socket
@@ -173,6 +174,90 @@ class CassandraServer(OpsServer):
     @property
     def contact_point(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class CassandraCluster:
+    """N Cassandra nodes on 127.0.0.1, 127.0.0.2, ... (``ops/cassandra/cluster.sh``): logins, client TLS,
+    datacenter ``dc1``. ``client`` is what settle's ``store.cassandra`` needs; ``node(k)`` is node k
+    (1-based) as a :class:`CassandraServer` to kill and start again."""
+
+    def __init__(self, *, script: Path | None = None, env: Mapping[str, str] | None = None,
+                 start_timeout_s: float = 300.0) -> None:
+        self._script = script or REPO_ROOT / "ops" / "cassandra" / "cluster.sh"
+        self._env = {**os.environ, **(env or {})}
+        self._timeout_s = start_timeout_s + SCRIPT_GRACE_S
+        self._dir: Path | None = None
+        self.client: dict[str, object] = {}
+        self.started_in_s: float | None = None  # the script's figures for the last start
+        self.rss_mib: int | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        if self._dir is None:
+            raise ServerError("the Cassandra cluster was never started: call start(data_dir) first")
+        return self._dir
+
+    def start(self, data_dir: str | os.PathLike[str], *, nodes: int = 3, addresses: list[str] | None = None) -> Self:
+        """Start the nodes (on ADDRESSES, default 127.0.0.1..N) and wait until each sees the others."""
+        self._dir = Path(data_dir).resolve()
+        where = ("--addresses", ",".join(addresses)) if addresses else ("--nodes", str(nodes))
+        out = self._run("start", str(self._dir), *where)
+        self.client = json.loads((self._dir / "client.json").read_text())
+        if "ready in " in out:
+            self.started_in_s = float(out.rsplit("ready in ", 1)[1].split()[0])
+        if "rss " in out:
+            self.rss_mib = int(out.rsplit("rss ", 1)[1].split()[0])
+        return self
+
+    @property
+    def nodes(self) -> int:
+        return len(self.client["contact_points"])  # type: ignore[arg-type]
+
+    def node(self, k: int) -> CassandraServer:
+        """Node K (1-based), to kill (``kill9``) and start again (``start(data_dir)``: same address, ports)."""
+        server = CassandraServer(env=self._env)
+        server._data_dir = self.data_dir / f"node{k}"
+        server._port = int(self.client["port"])  # type: ignore[call-overload]
+        return server
+
+    def store_overrides(self) -> dict[str, object]:
+        """``store.cassandra`` keys for settle on this cluster: RF 3 in dc1, LOCAL_QUORUM, login, TLS."""
+        c = self.client
+        return {
+            "store.cassandra.contact_points": c["contact_points"],
+            "store.cassandra.port": c["port"],
+            "store.cassandra.local_dc": c["local_dc"],
+            "store.cassandra.consistency": "LOCAL_QUORUM",
+            "store.cassandra.username": c["username"],
+            "store.cassandra.password_file": c["password_file"],
+            "store.cassandra.tls_ca_file": c["tls_ca_file"],
+            "store.cassandra.replication.strategy": "NetworkTopologyStrategy",
+            "store.cassandra.replication.datacenters": {c["local_dc"]: min(self.nodes, 3)},
+        }
+
+    def logs(self) -> list[Path]:
+        return sorted(self.data_dir.glob("node*/logs/*.log"))
+
+    def stop(self) -> None:
+        if self._dir is not None:
+            self._run("stop", str(self._dir))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _run(self, *args: str) -> str:
+        try:
+            done = subprocess.run(["bash", str(self._script), *args], env=self._env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=self._timeout_s, check=False)
+        except subprocess.TimeoutExpired as e:
+            raise ServerError(f"cluster.sh {' '.join(args)}: no answer after {self._timeout_s:.0f} s") from e
+        if done.returncode != 0:
+            raise ServerError(f"cluster.sh {' '.join(args)} exited with {done.returncode}:\n{done.stdout}{done.stderr}")
+        return done.stdout
 
 
 class KafkaServer(OpsServer):
