@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import threading
 import time
@@ -196,6 +197,50 @@ def _host_errors(error: NoHostAvailable) -> dict[str, object]:
     return {str(host): "could not open a connection pool" for host in errors or ()}
 
 
+def _raise_if_refused(where: str, config: CassandraConfig, errors: dict[str, object]) -> None:
+    """Every node answered and refused us: a wrong login or a certificate we do not trust. Retrying cannot
+    help, so it is a configuration error (the shard exits with EXIT_CONFIG and the supervisor halts instead
+    of respawning it); the message names the key to fix and never the password."""
+    if not errors:
+        return
+    reasons = list(errors.values())
+    if all(isinstance(r, AuthenticationFailed) for r in reasons):
+        source = (f"store.cassandra.password_file ({config.password_file})" if config.password_file is not None
+                  else f"store.cassandra.password_env ({config.password_env})")
+        raise ConfigError(
+            f"{where}: the server refused the login of store.cassandra.username {config.username!r}; "
+            f"check the username and the password in {source}"
+            if config.username is not None else
+            f"{where}: the server requires a login; set store.cassandra.username and "
+            "store.cassandra.password_file (or password_env)"
+        )
+    untrusted = _untrusted_certificate(config) if config.tls_ca_file is not None else None
+    if untrusted is not None:
+        detail = untrusted.verify_message or str(untrusted)
+        raise ConfigError(
+            f"{where}: the server's TLS certificate is not trusted ({detail}); "
+            f"store.cassandra.tls_ca_file ({config.tls_ca_file}) must hold the CA that signed the nodes' "
+            "certificates, and each certificate must name the address settle connects to"
+        )
+
+
+def _untrusted_certificate(config: CassandraConfig) -> ssl.SSLCertVerificationError | None:
+    """The driver reports a failed handshake as a plain OSError; shake hands once more ourselves to learn
+    by type whether every reachable node showed a certificate our CA does not vouch for."""
+    context = ssl.create_default_context(cafile=config.tls_ca_file)
+    refusal = None
+    for host in config.contact_points:
+        try:
+            with socket.create_connection((host, config.port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host):
+                return None  # this one is trusted: the failure was something else
+        except ssl.SSLCertVerificationError as e:
+            refusal = e
+        except OSError:
+            continue  # down: says nothing about its certificate
+    return refusal
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, NoHostAvailable) and error.errors:
         reasons = "; ".join(f"{host}: {reason}" for host, reason in list(_host_errors(error).items())[:3])
@@ -245,12 +290,7 @@ class CassandraStore:
         try:
             cluster, session = await asyncio.to_thread(_connect, config)
         except NoHostAvailable as e:
-            errors = _host_errors(e)
-            if errors and all(isinstance(r, AuthenticationFailed) for r in errors.values()):
-                raise StoreUnavailable(
-                    f"{where}: authentication failed for user {config.username!r}; check "
-                    "store.cassandra.username and the password it reads"
-                ) from None
+            await asyncio.to_thread(_raise_if_refused, where, config, _host_errors(e))
             raise StoreUnavailable(f"{where}: cannot connect: {_describe(e)}; is the server up?") from e
         except (OperationTimedOut, ConnectionException) as e:
             raise StoreUnavailable(f"{where}: cannot connect: {_describe(e)}; is the server up?") from e
