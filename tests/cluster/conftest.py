@@ -1,0 +1,25 @@
+"""A 3-node Cassandra cluster with logins and TLS (``ops/cassandra/cluster.sh``), started once per xdist group
+``cassandra_cluster`` and stopped at the end. Tests that kill nodes start them again before they return."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from engine.verify.servers import CassandraCluster, ServerError
+from tests.conftest import server_unavailable
+
+
+@pytest.fixture(scope="session")
+def cassandra_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraCluster]:
+    cluster = CassandraCluster()
+    try:
+        cluster.start(tmp_path_factory.mktemp("cassandra-cluster"), nodes=3)
+    except (ServerError, OSError) as e:
+        cluster.stop()
+        server_unavailable("the 3-node Cassandra cluster", e)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
