@@ -27,11 +27,11 @@ T = TypeVar("T")
 
 
 class SettleStage:
-    """Mixed into a shard, which provides ``shard``, ``m`` (its metrics), ``seq`` and ``store``."""
+    """Mixed into a shard, which provides ``shard``, ``m`` (its metrics), ``sequencer`` and ``store``."""
 
     shard: int
     m: Any  # engine.core.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled
-    seq: Sequencer
+    sequencer: Sequencer
     store: Store | None
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
@@ -65,7 +65,7 @@ class SettleStage:
         for trade in trades:
             lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
         for symbol, seq in batch.watermarks.items():
-            st = self.seq.state(symbol)
+            st = self.sequencer.state(symbol)
             st.settled = max(st.settled, seq)
             st.accepted = max(st.accepted, seq)
         self._settled(trades, now_ns)

@@ -73,7 +73,7 @@ class Shard(SettleStage):
         self.lifeline = lifeline or Lifeline(None)
         self.registry = metricsmod.new_registry(config.metrics.enabled)
         self.m = metricsmod.ShardMetrics(self.registry, shard, wal_dir=config.wal_path(shard))
-        self.seq = Sequencer(config.wal.gap_buffer_max)
+        self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
         self._wal_lock = asyncio.Lock()  # the WAL's commit and checkpoint run on executor threads
@@ -111,17 +111,17 @@ class Shard(SettleStage):
         store = self.store
         watermarks = await self._retry("read watermarks", store.watermarks)
         for symbol, seq in watermarks.items():
-            st = self.seq.state(symbol)
+            st = self.sequencer.state(symbol)
             st.settled = st.accepted = seq
         recovered = await self._resettle_wal(watermarks, progress)
         for symbol in self.wal.symbols():
-            st = self.seq.state(symbol)
+            st = self.sequencer.state(symbol)
             st.accepted = max(st.accepted, self.wal.last_seq(symbol))
         self._drop_foreign_symbols()
-        for symbol, st in self.seq.symbols.items():
+        for symbol, st in self.sequencer.symbols.items():
             if self.wal.last_seq(symbol) < st.settled:
                 self.wal.start_after(symbol, st.settled)  # a lost or new WAL continues at the store's watermark
-        self.wal.checkpoint({s: st.settled for s, st in self.seq.symbols.items()})
+        self.wal.checkpoint({s: st.settled for s, st in self.sequencer.symbols.items()})
         self._publish_watermarks()
         self.m.recovered.inc(recovered)
         self.recovered_count = recovered
@@ -192,12 +192,12 @@ class Shard(SettleStage):
     async def catch_up_from_me(self, progress: Progress | None = None, idle_timeout_s: float = 30.0) -> int:
         """Offline (``recover --from-store``): replay from the ME everything past what we hold, settle it."""
         assert self.wal is not None
-        gaps = self.gaps = GapFiller(self.config, self.shard, self.seq, self.m, self._replayed.append)
+        gaps = self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._replayed.append)
         task = asyncio.create_task(gaps.run())
         total = 0
         last_progress = time.monotonic()
         try:
-            while gaps.tail_wanted or self.seq.open_gaps() or self._replayed:
+            while gaps.tail_wanted or self.sequencer.open_gaps() or self._replayed:
                 await asyncio.sleep(0.05)
                 while self._replayed:
                     for trade in self._replayed.popleft():
@@ -214,7 +214,7 @@ class Shard(SettleStage):
                             progress.restart("replay from the ME", 0)
                         progress.update(total)
                 elif time.monotonic() - last_progress > idle_timeout_s:
-                    missing = ", ".join(sorted(gaps.tail_wanted | {st.symbol for st in self.seq.open_gaps()}))
+                    missing = ", ".join(sorted(gaps.tail_wanted | {st.symbol for st in self.sequencer.open_gaps()}))
                     raise ReplayError(f"shard {self.shard}: the ME at {self.config.me.replay} answered nothing for "
                                       f"{idle_timeout_s:.0f}s; still missing: {missing}")
         finally:
@@ -225,9 +225,9 @@ class Shard(SettleStage):
     def _drop_foreign_symbols(self) -> None:
         """Symbols this shard does not own under the current placement are not tracked (another shard is)."""
         count = self.config.shard_count
-        for symbol in list(self.seq.symbols):
+        for symbol in list(self.sequencer.symbols):
             if shard_for(symbol, count) != self.shard:
-                del self.seq.symbols[symbol]
+                del self.sequencer.symbols[symbol]
 
     # ---------------------------------------------------------------- the three stages
 
@@ -248,7 +248,7 @@ class Shard(SettleStage):
             ctx, sock, endpoint, f"shard-{self.shard}",
             on_reject=lambda name, reason: self.m.auth_rejected.labels(name, reason).inc())
         sock.bind(endpoint)
-        self.gaps = GapFiller(self.config, self.shard, self.seq, self.m, self._replayed.append)
+        self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._replayed.append)
         self.m.ready.set(1)
         self.lifeline.ready()
         tasks = [
@@ -346,7 +346,7 @@ class Shard(SettleStage):
 
     def _accept(self, trade: Trade) -> None:
         assert self.wal is not None
-        ready = self.seq.offer(trade, time.monotonic_ns())
+        ready = self.sequencer.offer(trade, time.monotonic_ns())
         if ready is None:
             self.m.duplicates.inc()
             return
@@ -357,7 +357,7 @@ class Shard(SettleStage):
     def _on_heartbeat(self, hb: Heartbeat) -> None:
         if shard_for(hb.symbol, self.config.shard_count) != self.shard:
             return
-        self.seq.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
+        self.sequencer.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
 
     async def _group_commit(self) -> None:
         """Write and fdatasync every dirty WAL, then hand the trades to the settle stage."""
@@ -414,8 +414,8 @@ class Shard(SettleStage):
             spans = ranges.get(trade.symbol)
             if spans and any(first <= trade.seq <= last for first, last in spans):
                 lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
-        for symbol in [sym for sym in ranges if sym in self.seq.symbols]:
-            settled = self.seq.symbols[symbol].settled
+        for symbol in [sym for sym in ranges if sym in self.sequencer.symbols]:
+            settled = self.sequencer.symbols[symbol].settled
             kept = [(first, last) for first, last in ranges[symbol] if last > settled]
             if kept:
                 ranges[symbol] = kept
@@ -431,7 +431,7 @@ class Shard(SettleStage):
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             self.lifeline.beat()
-            settled = {s: st.settled for s, st in self.seq.symbols.items()}
+            settled = {s: st.settled for s, st in self.sequencer.symbols.items()}
             async with self._wal_lock:
                 await asyncio.get_running_loop().run_in_executor(None, self.wal.checkpoint, settled)
             self._publish_watermarks()
@@ -439,17 +439,17 @@ class Shard(SettleStage):
     def _publish_watermarks(self) -> None:
         assert self.wal is not None
         shard = str(self.shard)
-        for symbol, st in self.seq.symbols.items():
+        for symbol, st in self.sequencer.symbols.items():
             self.m.watermark.labels(shard, symbol).set(st.settled)
             self.m.me_latest.labels(shard, symbol).set(max(st.me_latest, st.settled))
         stats = self.wal.stats()
         self.m.wal_bytes.set(sum(s.bytes for s in stats.values()))
         self.m.wal_segments.set(sum(s.segments for s in stats.values()))
-        gaps = self.seq.open_gaps()
+        gaps = self.sequencer.open_gaps()
         now_ns = time.monotonic_ns()
         self.m.gaps_open.set(len(gaps))
         self.m.gap_oldest.set(max(((now_ns - st.gap_since_ns) / 1e9 for st in gaps if st.gap_since_ns), default=0.0))
-        self.m.gap_held.set(self.seq.held_total)
+        self.m.gap_held.set(self.sequencer.held_total)
 
     async def close(self) -> None:
         if self.gaps is not None:

@@ -198,7 +198,7 @@ class Bridge:
         self.lifeline = lifeline or Lifeline(None)
         self.registry = metricsmod.new_registry(config.metrics.enabled)
         self.m = BridgeMetrics(self.registry)
-        self.seq = Sequencer(config.wal.gap_buffer_max)
+        self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.producer: Producer | None = None
         self.gaps: GapFiller | None = None
         self.start_points: dict[str, int] = {}
@@ -220,7 +220,7 @@ class Bridge:
                                   lambda: loop.run_in_executor(None, scan_tail, kafka, "settle-bridge-scan"))
         for symbol in set(watermarks) | set(tails):
             start = max(watermarks.get(symbol, 0), tails.get(symbol, 0))
-            st = self.seq.state(symbol)
+            st = self.sequencer.state(symbol)
             st.accepted = st.settled = start
             self.start_points[symbol] = start
             self.m.topic_seq.labels(symbol).set(start)
@@ -266,7 +266,7 @@ class Bridge:
         watch = security.load_keyring(self.config, "router").client(sub, self.config.me.publish, "me", "bridge->me")
         sub.connect(self.config.me.publish)
         # Created after the start points: it asks the ME for everything past them (its tail_wanted).
-        self.gaps = GapFiller(self.config, BRIDGE_ID, self.seq, self.m,
+        self.gaps = GapFiller(self.config, BRIDGE_ID, self.sequencer, self.m,
                               self._replayed.append)
         self.m.ready.set(1)
         self.lifeline.ready()
@@ -334,7 +334,7 @@ class Bridge:
             quarantine.close()
 
     async def _offer(self, trade: Trade) -> None:
-        ready = self.seq.offer(trade, time.monotonic_ns())
+        ready = self.sequencer.offer(trade, time.monotonic_ns())
         if ready is None:
             self.m.duplicates.inc()
             return
@@ -345,9 +345,9 @@ class Bridge:
             self.m.topic_seq.labels(trade.symbol).set(ready[-1].seq)
 
     async def _on_heartbeat(self, hb: Heartbeat) -> None:
-        self.seq.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
+        self.sequencer.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
         self.m.me_latest.labels(str(BRIDGE_ID), hb.symbol).set(hb.seq)
-        st = self.seq.symbols[hb.symbol]
+        st = self.sequencer.symbols[hb.symbol]
         if hb.seq and st.accepted >= hb.seq:
             await self._produce(hb.symbol, encoder.encode(hb))
             self.m.produced_heartbeats.inc()
@@ -398,9 +398,9 @@ class Bridge:
             producer.poll(0)
             self.lifeline.beat()
             self.m.unacked.set(len(producer))
-            self.m.gaps_open.set(len(self.seq.open_gaps()))
-            self.m.gap_held.set(self.seq.held_total)
-            for symbol, st in self.seq.symbols.items():
+            self.m.gaps_open.set(len(self.sequencer.open_gaps()))
+            self.m.gap_held.set(self.sequencer.held_total)
+            for symbol, st in self.sequencer.symbols.items():
                 self.m.topic_seq.labels(symbol).set(st.accepted)
 
 

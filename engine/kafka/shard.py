@@ -96,7 +96,7 @@ class KafkaShard(SettleStage):
         self.registry = metricsmod.new_registry(config.metrics.enabled)
         self.m = metricsmod.ShardMetrics(self.registry, shard)
         self.km = KafkaShardMetrics(self.registry, shard)
-        self.seq = Sequencer(config.wal.gap_buffer_max)
+        self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.store: Store | None = None
         self.settler: Settler | None = None
         self.consumer: Consumer | None = None
@@ -130,7 +130,7 @@ class KafkaShard(SettleStage):
 
     async def run(self) -> None:
         await self.start()
-        self.gaps = GapFiller(self.config, self.shard, self.seq, self.m, self._replayed.append)
+        self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._replayed.append)
         self.gaps.tail_wanted.clear()  # the topic brings what the ME published; ask only for holes
         self.m.ready.set(1)
         self.lifeline.ready()
@@ -196,7 +196,7 @@ class KafkaShard(SettleStage):
             return
         match decoded:
             case Heartbeat(symbol=symbol, seq=seq):
-                self.seq.heartbeat(symbol, seq, time.monotonic_ns())
+                self.sequencer.heartbeat(symbol, seq, time.monotonic_ns())
                 self.m.me_latest.labels(self._shard_label, symbol).set(seq)
             case Trade():
                 reason = check_trade(decoded)
@@ -210,7 +210,7 @@ class KafkaShard(SettleStage):
 
     def _offer(self, trade: Trade, ready: list[Trade]) -> bool:
         """Sequence one trade. False when it waits behind a hole (held, or dropped and replayed later)."""
-        out = self.seq.offer(trade, time.monotonic_ns())
+        out = self.sequencer.offer(trade, time.monotonic_ns())
         if out is None:
             self.m.duplicates.inc()
             return True
@@ -220,7 +220,7 @@ class KafkaShard(SettleStage):
     def _release_pending(self) -> None:
         """Held trades that are now settled no longer hold their partition's commit back."""
         for pending in self._pending.values():
-            for offset in [o for o, (symbol, seq) in pending.items() if seq <= self.seq.state(symbol).settled]:
+            for offset in [o for o, (symbol, seq) in pending.items() if seq <= self.sequencer.state(symbol).settled]:
                 del pending[offset]
 
     # ---------------------------------------------------------------- settle
@@ -310,7 +310,8 @@ class KafkaShard(SettleStage):
         assert self.store is not None
         self.settler.forget()
         partition_of = self.kafka.partition_of
-        stale = [s for s in self.seq.symbols if partition_of(s) in changed or partition_of(s) not in self.assigned]
+        stale = [s for s in self.sequencer.symbols
+                 if partition_of(s) in changed or partition_of(s) not in self.assigned]
         for symbol in stale:
             self._drop_symbol(symbol)
         reload = changed & self.assigned
@@ -319,7 +320,7 @@ class KafkaShard(SettleStage):
             watermarks: dict[str, int] = await self._retry("read watermarks", store.watermarks)
             for symbol, seq in watermarks.items():
                 if partition_of(symbol) in reload:
-                    st = self.seq.state(symbol)
+                    st = self.sequencer.state(symbol)
                     st.settled = st.accepted = seq
         self.km.assigned.set(len(self.assigned))
 
@@ -331,8 +332,8 @@ class KafkaShard(SettleStage):
             self._committed.pop(p, None)
 
     def _drop_symbol(self, symbol: str) -> None:
-        st = self.seq.symbols.pop(symbol)
-        self.seq.held_total -= len(st.held)
+        st = self.sequencer.symbols.pop(symbol)
+        self.sequencer.held_total -= len(st.held)
         if self.kafka.partition_of(symbol) not in self.assigned:
             for family in (self.m.watermark, self.m.me_latest):
                 try:
@@ -359,11 +360,11 @@ class KafkaShard(SettleStage):
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             self.lifeline.beat()
             now = time.monotonic_ns()
-            for symbol, st in self.seq.symbols.items():
+            for symbol, st in self.sequencer.symbols.items():
                 self.m.watermark.labels(self._shard_label, symbol).set(st.settled)
-            gaps = self.seq.open_gaps()
+            gaps = self.sequencer.open_gaps()
             self.m.gaps_open.set(len(gaps))
-            self.m.gap_held.set(self.seq.held_total)
+            self.m.gap_held.set(self.sequencer.held_total)
             oldest = min((st.gap_since_ns for st in gaps if st.gap_since_ns), default=0)
             self.m.gap_oldest.set((now - oldest) / 1e9 if oldest else 0)
 
