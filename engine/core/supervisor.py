@@ -65,6 +65,11 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     return arm
 
 
+def state_path(data_dir: Path) -> Path:
+    """Where the supervisor keeps its pids and readiness (for `settle status`, the demo, tests, chaos runs)."""
+    return data_dir / "run" / "supervisor.json"
+
+
 @dataclass
 class Slot:
     name: str
@@ -258,7 +263,7 @@ class Supervisor:
             "slots": {s.name: {"pid": s.proc.pid if s.proc else None, "ready": s.ready,
                                "restarts": len(s.restarts)} for s in self.slots},
         }
-        path = self.config.data_path / "run" / "supervisor.json"
+        path = state_path(self.config.data_path)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)

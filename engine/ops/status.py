@@ -8,6 +8,7 @@ from typing import Any
 from engine.core.config import Config
 from engine.core.placement import shard_for
 from engine.core.store import open_store
+from engine.core.supervisor import state_path
 from engine.core.wal import scan_stats
 
 
@@ -18,9 +19,9 @@ async def gather(config: Config) -> dict[str, Any]:
     finally:
         await store.close()
     supervisor: dict[str, Any] = {}
-    state_path = config.data_path / "run" / "supervisor.json"
-    if state_path.exists():
-        supervisor = json.loads(state_path.read_text())
+    state_file = state_path(config.data_path)
+    if state_file.exists():
+        supervisor = json.loads(state_file.read_text())
     shards: list[dict[str, Any]] = []
     count = config.shard_count
     for shard in range(count):

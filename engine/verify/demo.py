@@ -24,6 +24,7 @@ from typing import Any
 from engine.core import config as configmod
 from engine.core.errors import EXIT_FAILURE, EXIT_VERIFY_FAILED
 from engine.core.placement import shard_for
+from engine.core.supervisor import state_path
 
 POLL_S = 1.0
 
@@ -94,7 +95,7 @@ def start_simulator(config: configmod.Config, data_dir: Path, args: argparse.Nam
 
 
 def wait_engine_ready(engine: subprocess.Popen[bytes], data_dir: Path, timeout_s: float) -> None:
-    state = data_dir / "run" / "supervisor.json"
+    state = state_path(data_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if engine.poll() is not None:

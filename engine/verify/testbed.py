@@ -28,6 +28,7 @@ from engine.core import config as configmod
 from engine.core.errors import StoreUnavailable
 from engine.core.placement import shard_for
 from engine.core.store import open_store
+from engine.core.supervisor import state_path
 from engine.verify.checker import CheckReport, check
 from engine.verify.demo import demo_config, spawn, start_engine, stop, wait_engine_ready
 
@@ -252,7 +253,7 @@ class System(StoreObserver):
         return int(pid)
 
     def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.root / "run" / "supervisor.json").read_text())
+        data: dict[str, Any] = json.loads(state_path(self.root).read_text())
         return data
 
     def pid(self, slot: str) -> int:
