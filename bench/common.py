@@ -13,7 +13,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Relative: results go under the directory settle bench runs in (never into the installed source tree);
+# --out names another.
+RESULTS = Path("bench-results")
 
 
 # ------------------------------------------------------------------------------------------ the machine

@@ -16,7 +16,7 @@ Both skip a warm-up (``measure``): start-up costs (an idempotent producer's firs
 first assignment) are not what the figures compare.
 
 Every run is verified with the checker. The broker comes from ``ops/kafka/kafka.sh`` (a temporary data
-dir, stopped at the end). Results: a table, and ``bench/results/kafka_vs_zmq.json``.
+dir, stopped at the end). Results: a table, and ``bench-results/kafka_vs_zmq.json``.
 """
 
 from __future__ import annotations

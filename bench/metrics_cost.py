@@ -11,7 +11,7 @@ and the median per mode. The simulator publishes flat out; the clock runs from t
 to the last (the store's watermarks, polled every 50 ms). Beside trades/s, each run reports the CPU time
 the engine's processes (router and shards, from /proc) spent per trade over the same span: on a shared
 machine wall-clock throughput swings with the neighbours, CPU per trade much less. Results go to
-bench/results/metrics_cost.json.
+bench-results/metrics_cost.json.
 """
 
 from __future__ import annotations

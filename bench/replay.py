@@ -18,7 +18,7 @@ Measured from the engine being ready (a shard asks for nothing before) to the la
 ``raw_replay_rate`` is the ceiling on the ME side: one client asking for the same ranges and only decoding
 the replies.
 
-``python -m bench.replay [--quick]`` runs both and writes ``bench/results/replay.json``; ``settle bench``
+``python -m bench.replay [--quick]`` runs both and writes ``bench-results/replay.json``; ``settle bench``
 runs them as its ``replay`` scenario.
 """
 
