@@ -1,0 +1,85 @@
+"""Delay and loss between settle and Cassandra: settle runs on a host of its own (a network namespace from
+tests.netns), the Cassandra node (login, TLS) listens on the machine's address on that LAN, and the
+settle host's outgoing packets are delayed 50 ms and 1 % of them dropped mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from engine.verify.servers import CassandraCluster, ServerError
+from tests import netns
+from tests.conftest import server_unavailable, unavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cassandra_cluster")]
+
+DELAY_MS = 50
+LOSS = 0.01
+
+
+def test_delay_and_loss_to_cassandra_lose_nothing_and_add_about_the_delay(tmp_path: Path) -> None:
+    why = netns.missing()
+    if why:
+        unavailable(why)
+    with netns.Lan() as lan:
+        address = lan.host_address(2)
+        cluster = CassandraCluster()
+        try:
+            cluster.start(tmp_path / "cassandra", addresses=[address])
+        except (ServerError, OSError) as e:
+            cluster.stop()
+            server_unavailable("Cassandra on the test LAN", e)
+        try:
+            host = lan.add_host("settle")
+            lan.wait_reachable(host, address, int(str(cluster.client["port"])))
+            overrides = {**cluster.store_overrides(), "store.cassandra.keyspace": f"t_{uuid.uuid4().hex[:12]}",
+                         "store.cassandra.request_timeout_s": 5.0}
+            root = Path(__file__).resolve().parents[2]
+            stderr = tmp_path / "settle_in_netns.stderr"
+            with stderr.open("w") as err_file:
+                run = host.popen([sys.executable, "-m", "tests.cluster.settle_in_netns", str(tmp_path / "run"),
+                                  json.dumps(overrides), "30000", "1000"],
+                                 cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_file)
+            assert run.stdout is not None
+            assert run.stdin is not None
+            first = run.stdout.readline()
+            if first.strip() != "baseline":
+                run.kill()
+                run.communicate()
+                pytest.fail(f"settle did not get going inside the namespace: {stderr.read_text()[-3000:]}")
+            host.impair(delay_ms=DELAY_MS, loss=LOSS, to=[address])
+            connect_ms = _connect_ms(host, address, int(str(cluster.client["port"])))
+            run.stdin.write("impaired\n")
+            run.stdin.flush()
+            out, _ = run.communicate(timeout=900)
+            assert run.returncode == 0, stderr.read_text()[-3000:]
+        finally:
+            cluster.stop()
+    result = json.loads(out.strip().splitlines()[-1])
+    # Lag is printed, not asserted (speed is never asserted): on a loaded 2-core box it is CPU-bound.
+    print(f"delay {DELAY_MS} ms {LOSS:.0%} loss: connect {connect_ms:.1f} ms; mean lag {result['baseline_lag_ms']:.1f}"
+          f" ms -> {result['impaired_lag_ms']:.1f} ms over {result['impaired_trades']:.0f} trades")
+    assert result["ok"], result["report"]
+    assert result["published"] == result["settled"] == 30_000, result["report"]
+    assert result["errors"] == [], result["errors"]  # warnings only: retries are not the operator's business
+    assert result["impaired_trades"] > 0  # trades settled through the impaired path
+    # The impairment is in settle's path: a TCP handshake from the settle host to the node now takes the delay.
+    assert connect_ms >= DELAY_MS * 0.8, f"connect took {connect_ms:.1f} ms: the delay is not in the path"
+
+
+def _connect_ms(host: netns.Host, address: str, port: int) -> float:
+    """The fastest of 5 TCP handshakes from HOST to ADDRESS:PORT, in ms (a lost SYN only makes one slower)."""
+    probe = ("import socket, sys, time\n"
+             "best = 1e9\n"
+             "for _ in range(5):\n"
+             "    t = time.monotonic(); socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10).close()\n"
+             "    best = min(best, time.monotonic() - t)\n"
+             "print(best * 1000)")
+    return float(host.run([sys.executable, "-c", probe, address, str(port)]).stdout.strip())
