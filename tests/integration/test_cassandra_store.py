@@ -26,7 +26,7 @@ from engine.core.errors import ConfigError, StoreRejected, StoreUnavailable
 from engine.core.settlement import Settler
 from engine.core.store.base import Batch, Store
 from engine.core.store.cassandra import CassandraStore
-from engine.core.store.schema import migrate
+from engine.core.store.cassandra import migrate
 from tests import contract
 from tests.conftest import unavailable
 from tests.servers.cassandra import CassandraServer, CassandraServerError

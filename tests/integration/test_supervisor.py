@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def supervisor_only(system: System) -> subprocess.Popen[bytes]:
     """The supervisor without `settle run`'s preflight, which finds host problems before any child runs."""
-    code = ("import sys; from pathlib import Path; from engine import config, supervisor; "
+    code = ("import sys; from pathlib import Path; from engine.core import config, supervisor; "
             "sys.exit(supervisor.run(config.load(sys.argv[1]), Path(sys.argv[2])))")
     return spawn([sys.executable, "-c", code, str(system.config_path), str(system.root / "logs")],
                  system.root / "logs" / "supervisor.log")
