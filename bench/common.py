@@ -103,18 +103,33 @@ def metric_sum(text: str, name: str) -> float:
     return total
 
 
-def histogram_buckets(text: str, name: str) -> dict[float, float]:
-    """``le`` -> cumulative count of histogram ``name``, summed over label sets."""
+def histogram_buckets(text: str, name: str, where: str = "") -> dict[float, float]:
+    """``le`` -> cumulative count of histogram ``name``, summed over the label sets that hold ``where``
+    (one ``label="value"`` pair, e.g. ``stage="fsync"``; every label set when empty)."""
     buckets: dict[float, float] = {}
     prefix = f"{name}_bucket{{"
     for line in text.splitlines():
         if not line.startswith(prefix):
             continue
         labels, value = line[len(prefix) :].rsplit("} ", 1)
+        if where and where not in labels.split(","):
+            continue
         le = next(part.split("=", 1)[1].strip('"') for part in labels.split(",") if part.startswith("le="))
         bound = math.inf if le == "+Inf" else float(le)
         buckets[bound] = buckets.get(bound, 0.0) + float(value)
     return buckets
+
+
+def histogram_sum(text: str, name: str, where: str = "") -> float:
+    """The ``_sum`` of histogram ``name`` over the label sets that hold ``where`` (as :func:`histogram_buckets`)."""
+    total = 0.0
+    prefix = f"{name}_sum{{"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            labels, value = line[len(prefix) :].rsplit("} ", 1)
+            if not where or where in labels.split(","):
+                total += float(value)
+    return total
 
 
 def subtract(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:

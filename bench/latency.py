@@ -5,30 +5,51 @@ before it is logged and published); each shard observes ``now - ts_ns`` into ``s
 when the store acknowledged the batch holding the trade (same box, same clock). The shards' histograms
 are read from their ``/metrics`` once the run is warm (10% of its trades settled) and again when every
 trade is settled; the difference holds the trades in between. Quantiles are interpolated inside the
-bucket like Prometheus' ``histogram_quantile`` (bounds 0.5, 1, 2, 5, 10, 25, 50, 100 ms, ...); the share
-at or under 25 ms is exact (25 ms is a bound).
+bucket like Prometheus' ``histogram_quantile`` (buckets: ``engine.metrics.LATENCY_BUCKETS_S``); the share at
+or under 25 ms is exact (25 ms is a bound). ``settle_stage_seconds`` splits each trade's lag by stage
+(ME to intake, the group commit's wait and fdatasync, the wait for the store, position reads, the store
+write); its means add up to the lag's mean, and each rate prints them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import fraction_at_most, histogram_buckets, quantile, scrape, subtract
+from bench.common import fraction_at_most, histogram_buckets, histogram_sum, quantile, scrape, subtract
 from bench.settlerun import Bench, CassandraTarget
 
 LAG_METRIC = "settle_lag_seconds"
+STAGE_METRIC = "settle_stage_seconds"
+STAGES = ("intake", "commit_wait", "fsync", "store_wait", "read", "write")  # engine.metrics.STAGES, in order
 WARM_FRACTION = 0.1
+
+Histogram = tuple[dict[float, float], float]  # cumulative buckets, sum
 
 
 def lag_buckets(bench: Bench, metric: str = LAG_METRIC) -> dict[float, float]:
     """``metric``'s histogram buckets summed over the bench's shards."""
-    total: dict[float, float] = {}
+    return histograms(bench, metric)["lag"][0]
+
+
+def histograms(bench: Bench, lag_metric: str = LAG_METRIC) -> dict[str, Histogram]:
+    """The lag histogram and each stage's, summed over the bench's shards."""
+    out: dict[str, Histogram] = {}
     for url in bench.shard_metrics_urls():
-        for le, count in histogram_buckets(scrape(url), metric).items():
-            total[le] = total.get(le, 0.0) + count
-    return total
+        text = scrape(url)
+        wanted = [("lag", lag_metric, "")] + [(stage, STAGE_METRIC, f'stage="{stage}"') for stage in STAGES]
+        for key, metric, where in wanted:
+            buckets, total = out.get(key, ({}, 0.0))
+            for le, count in histogram_buckets(text, metric, where).items():
+                buckets[le] = buckets.get(le, 0.0) + count
+            out[key] = (buckets, total + histogram_sum(text, metric, where))
+    return out
+
+
+def window(after: dict[str, Histogram], before: dict[str, Histogram]) -> dict[str, Histogram]:
+    return {key: (subtract(buckets, before[key][0]), total - before[key][1]) for key, (buckets, total) in after.items()}
 
 
 def summarize(buckets: dict[float, float]) -> dict[str, Any]:
@@ -42,10 +63,23 @@ def summarize(buckets: dict[float, float]) -> dict[str, Any]:
     }
 
 
+def stage_rows(name: str, hists: dict[str, Histogram]) -> list[dict[str, Any]]:
+    """Per stage: mean, p50 and p99 over the window; the means add up to the lag's mean."""
+    rows = []
+    for key in ("lag", *STAGES):
+        buckets, total = hists[key]
+        count = max(buckets.values(), default=0.0)
+        rows.append({"name": name, "stage": key, "count": int(count),
+                     "mean_ms": total / count * 1e3 if count else math.nan,
+                     "p50_ms": quantile(0.50, buckets) * 1e3, "p99_ms": quantile(0.99, buckets) * 1e3})
+    return rows
+
+
 def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, store: str = "embedded",
                 cassandra: CassandraTarget | None = None, symbols: int = 16, accounts: int = 1000,
                 work_dir: Path | None = None) -> dict[str, Any]:
-    """Publish ``rate * seconds`` trades at ``rate`` with wall-clock stamps; the lag distribution."""
+    """Publish ``rate * seconds`` trades at ``rate`` with wall-clock stamps; the lag distribution and where
+    its time went, stage by stage."""
     trades = max(1000, int(rate * seconds))
     with Bench(name, shards=shards, store=store, cassandra=cassandra, work_dir=work_dir) as bench:
         bench.start()
@@ -54,14 +88,15 @@ def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, stor
         bench.start_publisher("sim", trades, rate=rate, symbols=symbols, accounts=accounts)
         warm_at = int(trades * WARM_FRACTION)
         progress.wait_for(warm_at)
-        before = lag_buckets(bench)
+        before = histograms(bench)
         started, settled_before = time.monotonic(), progress.settled
         progress.wait_for(trades)
         achieved = (progress.settled - settled_before) / max(time.monotonic() - started, 1e-9)
-        window = subtract(lag_buckets(bench), before)
+        hists = window(histograms(bench), before)
         verified = bench.verify().ok if store != "null" else None
     return {"name": name, "store": store, "shards": bench.shards, "rate": rate, "trades": trades,
-            "settled_per_s": achieved, "verified": verified, **summarize(window)}
+            "settled_per_s": achieved, "verified": verified, **summarize(hists["lag"][0]),
+            "stages": stage_rows(name, hists)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                 cassandra=target))
         print(table([rows[-1]], ["name", "rate", "settled_per_s", "count", "p50_ms", "p99_ms", "p999_ms",
                                  "share_le_25ms", "verified"]), flush=True)
+        print(table(rows[-1]["stages"], ["name", "stage", "count", "mean_ms", "p50_ms", "p99_ms"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(clean_json(rows), indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.out}")

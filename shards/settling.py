@@ -14,6 +14,7 @@ from typing import Any, Final, TypeVar
 
 from engine.core.errors import SettleError
 from engine.core.messages import Trade
+from engine.core.settlement import Settler
 from engine.core.store import Store
 from engine.core.store.base import Batch
 from shards.state import Sequencer
@@ -30,9 +31,10 @@ class SettleStage:
     """Mixed into a shard, which provides ``shard``, ``m`` (its metrics), ``sequencer`` and ``store``."""
 
     shard: int
-    m: Any  # engine.core.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled
+    m: Any  # engine.core.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled, stage
     sequencer: Sequencer
     store: Store | None
+    settler: Settler | None
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until it succeeds; retriable errors back off, others propagate."""
@@ -48,6 +50,15 @@ class SettleStage:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
 
+    async def _prepare_batch(self, trades: list[Trade]) -> Batch:
+        """Fold ``trades`` into a store batch, reading the positions it touches first (retrying)."""
+        settler = self.settler
+        assert settler is not None
+        started = time.perf_counter()
+        batch = await self._retry("read positions", lambda: settler.prepare(trades))
+        self.m.stage["read"].observe_many(time.perf_counter() - started, len(trades))
+        return batch
+
     async def _write(self, batch: Batch) -> None:
         assert self.store is not None
         await self.store.write(batch)
@@ -58,7 +69,9 @@ class SettleStage:
         self.m.store_inflight.set(1)
         await self._retry("write a batch", lambda: self._write(batch))
         self.m.store_inflight.set(0)
-        self.m.store_write.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.m.store_write.observe(took)
+        self.m.stage["write"].observe_many(took, len(trades))
         self.m.store_batch.observe(len(trades))
         now_ns = time.time_ns()
         lag = self.m.settle_lag

@@ -48,7 +48,6 @@ from engine.core.progress import Progress
 from engine.core.quarantine import Quarantine
 from engine.core.settlement import Settler
 from engine.core.store import Store, open_store
-from engine.core.store.base import Batch
 from engine.core.wal import RecoveryReport, ShardWal
 from shards.gaps import GapFiller
 from shards.settling import RETRY_BACKOFF_S_MAX, SettleStage
@@ -76,6 +75,9 @@ class Shard(SettleStage):
         self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
+        self._buffered_at: list[int] = []  # monotonic ns each of them was accepted (settle_stage_seconds)
+        # [trades, monotonic ns they became durable] per group commit, covering ``unsettled`` in order
+        self._durable_runs: deque[list[int]] = deque()
         self._wal_lock = asyncio.Lock()  # the WAL's commit and checkpoint run on executor threads
         self._replayed: deque[list[Trade]] = deque()  # replies from the ME, accepted by intake
         # symbol -> (first, last) sequence ranges that arrived by replay and are not settled yet: their trades
@@ -166,7 +168,7 @@ class Shard(SettleStage):
 
         async def settle(chunk: list[Trade]) -> None:
             nonlocal writing, writing_count
-            batch = await self._retry("read positions", lambda: self._prepare(chunk))
+            batch = await self._prepare_batch(chunk)
             await written()
             writing, writing_count = asyncio.ensure_future(self._store_batch(chunk, batch)), len(chunk)
 
@@ -346,13 +348,18 @@ class Shard(SettleStage):
 
     def _accept(self, trade: Trade) -> None:
         assert self.wal is not None
-        ready = self.sequencer.offer(trade, time.monotonic_ns())
+        now_ns = time.monotonic_ns()
+        ready = self.sequencer.offer(trade, now_ns)
         if ready is None:
             self.m.duplicates.inc()
             return
+        wall_ns = time.time_ns()
+        intake = self.m.stage["intake"]
         for t in ready:
             self.wal.append(t)
             self._buffered.append(t)
+            self._buffered_at.append(now_ns)
+            intake.observe(max(0, wall_ns - t.ts_ns) / 1e9)
 
     def _on_heartbeat(self, hb: Heartbeat) -> None:
         if shard_for(hb.symbol, self.config.shard_count) != self.shard:
@@ -364,9 +371,14 @@ class Shard(SettleStage):
         assert self.wal is not None
         wal = self.wal
         trades, self._buffered = self._buffered, []
+        accepted_at, self._buffered_at = self._buffered_at, []
         count = len(trades)
         assert count == wal.buffered, (count, wal.buffered)
         started = time.perf_counter()
+        started_ns = time.monotonic_ns()
+        commit_wait = self.m.stage["commit_wait"]
+        for at in accepted_at:
+            commit_wait.observe((started_ns - at) / 1e9)
         backoff = 0.01
         while True:
             try:
@@ -378,9 +390,12 @@ class Shard(SettleStage):
                 log.error("shard %d: WAL commit failed, retrying in %.2fs: %s", self.shard, backoff, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
-        self.m.fsync.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.m.fsync.observe(took)
+        self.m.stage["fsync"].observe_many(took, count)
         self.m.group_commit.observe(count)
         self.unsettled.extend(trades)
+        self._durable_runs.append([count, time.monotonic_ns()])
         self.m.wal_pending.set(len(self.unsettled))
         self._settle_wakeup.set()
 
@@ -399,8 +414,22 @@ class Shard(SettleStage):
 
     async def _settle_batch(self, trades: list[Trade]) -> None:
         """Settle trades that are already durable in the WAL; retries until the store has them."""
-        batch = await self._retry("read positions", lambda: self._prepare(trades))
+        self._observe_store_wait(len(trades))
+        batch = await self._prepare_batch(trades)
         await self._store_batch(trades, batch)
+
+    def _observe_store_wait(self, count: int) -> None:
+        """The wait since the oldest ``count`` trades of ``unsettled`` became durable, per trade."""
+        runs, now_ns = self._durable_runs, time.monotonic_ns()
+        store_wait = self.m.stage["store_wait"]
+        while count and runs:
+            run = runs[0]
+            taken = min(count, run[0])
+            store_wait.observe_many((now_ns - run[1]) / 1e9, taken)
+            count -= taken
+            run[0] -= taken
+            if not run[0]:
+                runs.popleft()
 
     def _settled(self, trades: list[Trade], now_ns: int) -> None:
         if self._replay_ranges:
@@ -421,10 +450,6 @@ class Shard(SettleStage):
                 ranges[symbol] = kept
             else:
                 del ranges[symbol]
-
-    async def _prepare(self, trades: list[Trade]) -> Batch:
-        assert self.settler is not None
-        return await self.settler.prepare(trades)
 
     async def _housekeeping(self) -> None:
         assert self.wal is not None

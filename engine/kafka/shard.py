@@ -51,7 +51,6 @@ from engine.core.messages import Heartbeat, Trade, check_trade, stream_decoder
 from engine.core.quarantine import Quarantine
 from engine.core.settlement import Settler
 from engine.core.store import Store, open_store
-from engine.core.store.base import Batch
 from engine.kafka.config import KafkaConfig, load_child_config
 from shards.gaps import GapFiller
 from shards.settling import SettleStage
@@ -214,6 +213,10 @@ class KafkaShard(SettleStage):
         if out is None:
             self.m.duplicates.inc()
             return True
+        now_ns = time.time_ns()
+        intake = self.m.stage["intake"]
+        for t in out:
+            intake.observe(max(0, now_ns - t.ts_ns) / 1e9)
         ready.extend(out)
         return bool(out)
 
@@ -227,9 +230,7 @@ class KafkaShard(SettleStage):
 
     async def _settle(self, trades: list[Trade]) -> None:
         """Store the batch (retrying until the store has it), then advance the watermarks."""
-        assert self.settler is not None
-        settler = self.settler
-        batch: Batch = await self._retry("read positions", lambda: settler.prepare(trades))
+        batch = await self._prepare_batch(trades)
         await self._store_batch(trades, batch)
 
     # ---------------------------------------------------------------- offsets

@@ -7,21 +7,17 @@ every trade it carries is among them.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import zmq
 
 from engine.core import config as configmod
 from engine.core.messages import encoder
 from engine.core.store.embedded import EmbeddedStore
 from engine.core.wal import ShardWal
-from shards.shard import Shard
 from tests.factories import trade
+from tests.inprocess import running_shard, wait_until
 
 
 def test_every_store_write_follows_the_fsync_of_its_trades(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,29 +56,12 @@ def test_every_store_write_follows_the_fsync_of_its_trades(tmp_path: Path, monke
     config = configmod.load(None, [f'engine.data_dir="{tmp_path}"', "engine.shards=1",
                                    f'store.path="{tmp_path / "s.db"}"', "metrics.enabled=false",
                                    "wal.batch_trades_max=64", "wal.fsync_wait_us_max=500"])
-    shard = Shard(config, 0)
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_until_complete, args=(shard.run(),))
-    (tmp_path / "run").mkdir(mode=0o700)
-    runner.start()
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 1000)
-    push.connect(config.shard_endpoint(0))
     total = 3000
-    try:
+    with running_shard(config, tmp_path) as (_, push):
         for i in range(1, total + 1):
             symbol = ("BTC-USDT", "ETH-USDT", "SOL-USDT")[i % 3]
             push.send(encoder.encode(trade(symbol, seq=(i + 2) // 3, output_sequence=i)))
-        deadline = time.monotonic() + 60
-        while sum(written) < total and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        loop.call_soon_threadsafe(shard.stop)
-        runner.join(60)
-        push.close()
-        ctx.term()
-        loop.close()
+        wait_until(lambda: sum(written) >= total)
     assert sum(written) == total
     assert violations == []
     assert fsyncs["calls"] > 0
