@@ -38,7 +38,7 @@ from engine.core.quarantine import read as read_quarantine
 from engine.sim import hostile
 from engine.verify.lazyfs import MODES as POWER_MODES
 from engine.verify.lazyfs import LazyFS, cut_power
-from engine.verify.servers import alive
+from engine.verify.servers import alive, threads_left
 
 # -- the schedule -------------------------------------------------------------------------------------
 
@@ -248,13 +248,15 @@ class CassandraNode:
                                  f"{done.stdout}{done.stderr}")
 
     def kill9(self, timeout_s: float = 30.0) -> int | None:
-        """SIGKILL the JVM (nothing flushed) and wait until it is gone. Returns its pid."""
+        """SIGKILL the JVM (nothing flushed) and wait until it is gone, every thread of it: the main thread
+        turns zombie first, and the others hold the CQL port until they exit (a restart on that port in the
+        meantime is refused: "port already in use"). Returns its pid."""
         pid = self.pid
         if pid is None or not alive(pid):
             return None
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout_s
-        while alive(pid):
+        while alive(pid) or threads_left(pid):
             if time.monotonic() > deadline:
                 raise CassandraError(f"Cassandra pid {pid} alive {timeout_s:.0f}s after SIGKILL")
             time.sleep(0.02)
