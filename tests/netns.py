@@ -294,10 +294,11 @@ class Host:
         self._stop_delayer()
 
     def _stop_delayer(self) -> None:
-        if self._delayer is not None:
-            self._delayer.kill()
-            self._delayer.communicate()  # reaps it and closes its pipes
-            self._delayer = None
+        delayer, self._delayer = self._delayer, None
+        if delayer is not None:
+            with delayer:  # closes its pipes and reaps it, even if it already died with its namespace
+                delayer.kill()
+                delayer.communicate(timeout=30)
 
     def _iptables(self, *args: str) -> None:
         sh(*self.command(["iptables", "-w", *args]))
@@ -371,7 +372,11 @@ class Lan:
 
     def close(self) -> None:
         """Kill everything running inside the LAN's namespaces and delete them. Idempotent."""
-        _remove_lan(self.index)
+        try:
+            _remove_lan(self.index)
+        finally:
+            for host in self.hosts.values():
+                host._stop_delayer()  # killed with its namespace above: reap it and close its pipes
         with _allocation_lock(), contextlib.suppress(FileNotFoundError):
             lock = STATE_DIR / f"{self.index}.pid"
             if lock.read_text().strip() == str(os.getpid()):
