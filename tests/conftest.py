@@ -16,6 +16,12 @@ import pytest
 from tests.servers.cassandra import CassandraServer, CassandraServerError
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist registers this marker; ops/test.sh runs tests/cluster without xdist (-p no:xdist), where
+    # --strict-markers would otherwise reject it.
+    config.addinivalue_line("markers", "xdist_group(name): run in the same xdist worker as the group's other tests")
+
+
 def unavailable(message: str) -> NoReturn:
     """A test's server or tool is missing: the test fails in CI and is skipped elsewhere, with ``message``."""
     if os.environ.get("CI"):

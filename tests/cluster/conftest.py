@@ -1,5 +1,6 @@
-"""A 3-node Cassandra cluster with logins and TLS (``ops/cassandra/cluster.sh``), started once per xdist group
-``cassandra_cluster`` and stopped at the end. Tests that kill nodes start them again before they return."""
+"""A 3-node Cassandra cluster with logins and TLS (``ops/cassandra/cluster.sh``), started once per test module
+that uses it and stopped at the module's end, so its JVMs (~2.4 GiB) are gone before the next cluster test
+starts its own servers. Tests that kill nodes start them again before they return."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from engine.verify.servers import CassandraCluster, ServerError
 from tests.conftest import server_unavailable
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cassandra_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraCluster]:
     cluster = CassandraCluster()
     try:
