@@ -1,12 +1,15 @@
 """Run settle (engine and ME simulator) inside the network namespace this process was started in, for
-tests/cluster/test_cassandra_netem.py: settle, then wait for the parent to impair the link, settle on.
+tests/cluster/test_cassandra_netem.py: settle a first batch on a clean link, wait for the parent to
+impair the link, then publish and settle a second batch through the impaired path.
 
-    python -m tests.cluster.settle_in_netns ROOT OVERRIDES_JSON TRADES RATE
+    python -m tests.cluster.settle_in_netns ROOT OVERRIDES_JSON BEFORE AFTER RATE
 
-Prints ``baseline`` once a third of the trades are settled (the baseline lag is that of the second
-sixth, after the start-up backlog), reads one line from stdin (the parent has
-impaired the link), and prints a JSON summary at the end: the checker's verdict and the mean settle lag
-before and after the impairment (from the shards' ``settle_lag_seconds`` sum and count).
+Publishes BEFORE trades at RATE/s and waits until every one of them is settled (the baseline lag is that of
+the second half, after the start-up backlog), prints ``baseline``, reads one line from stdin (the parent
+has impaired the link), and only then restarts the simulator on its log to publish AFTER more trades: every
+one of those is published, and so settled, through the impaired link, however far behind settle was
+before. Prints a JSON summary at the end: the checker's verdict and the mean settle lag before and after
+the impairment (from the shards' ``settle_lag_seconds`` sum and count).
 """
 
 from __future__ import annotations
@@ -33,20 +36,25 @@ def lag_totals(system: System) -> tuple[float, float]:
     return total, count
 
 
-def main(root: str, overrides_json: str, trades: int, rate: int) -> int:
+def main(root: str, overrides_json: str, before_trades: int, after_trades: int, rate: int) -> int:
     system = System(Path(root), shards=2, store="cassandra", overrides=json.loads(overrides_json))
+    total = before_trades + after_trades
     try:
         system.start_engine()
-        system.start_sim(trades, rate=rate)
-        system.wait_settled(trades // 6, at_least=True)
+        system.start_sim(before_trades, rate=rate)
+        system.wait_settled(before_trades // 2, at_least=True, timeout_s=600)
         warm = lag_totals(system)  # the start-up backlog is behind us: the baseline is measured from here
-        system.wait_settled(trades // 3, at_least=True)
+        system.wait_settled(before_trades, timeout_s=600)
         before = lag_totals(system)
+        first = system.stop_sim()  # it has published all of the first batch; the second is not yet made
         print("baseline", flush=True)
-        sys.stdin.readline()
+        if sys.stdin.readline().strip() != "impaired":
+            raise SystemExit("settle_in_netns: the parent went away before impairing the link")
         impaired_from = lag_totals(system)
-        system.wait_settled(timeout_s=600)
+        system.start_sim(total, rate=rate, log_name="simulator-impaired.log")  # continues me.log to TOTAL
+        system.wait_settled(total, timeout_s=900)
         end = lag_totals(system)
+        second = system.stop_sim()
     finally:
         system.stop()
     report = system.check()
@@ -54,6 +62,7 @@ def main(root: str, overrides_json: str, trades: int, rate: int) -> int:
               for line in path.read_text(errors="replace").splitlines() if " ERROR " in line or "CRITICAL" in line]
     print(json.dumps({
         "ok": report.ok, "published": report.published, "settled": report.settled, "report": report.format(),
+        "published_before": first.trades if first else None, "published_after": second.trades if second else None,
         "baseline_lag_ms": 1000 * (before[0] - warm[0]) / max(before[1] - warm[1], 1),
         "impaired_lag_ms": 1000 * (end[0] - impaired_from[0]) / max(end[1] - impaired_from[1], 1),
         "impaired_trades": end[1] - impaired_from[1], "errors": errors[:20],
@@ -62,4 +71,4 @@ def main(root: str, overrides_json: str, trades: int, rate: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))

@@ -1,6 +1,8 @@
 """Delay and loss between settle and Cassandra: settle runs on a host of its own (a network namespace from
 tests.netns), the Cassandra node (login, TLS) listens on the machine's address on that LAN, and the
-settle host's outgoing packets are delayed 50 ms and 1 % of them dropped mid-run."""
+settle host's outgoing packets are delayed 50 ms and 1 % of them dropped mid-run: a first batch of trades is
+settled on the clean link, and the second is published only once the link is impaired, so it all goes through
+the impaired path however far behind settle runs on a loaded machine."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cassandra_cluste
 
 DELAY_MS = 50
 LOSS = 0.01
+BEFORE = 10_000  # trades settled on the clean link (the baseline)
+AFTER = 20_000  # trades published only once the link is impaired: all of them go through it
+RATE = 1_000  # trades/s
 
 
 def test_delay_and_loss_to_cassandra_lose_nothing_and_add_about_the_delay(tmp_path: Path) -> None:
@@ -44,22 +49,26 @@ def test_delay_and_loss_to_cassandra_lose_nothing_and_add_about_the_delay(tmp_pa
             stderr = tmp_path / "settle_in_netns.stderr"
             with stderr.open("w") as err_file:
                 run = host.popen([sys.executable, "-m", "tests.cluster.settle_in_netns", str(tmp_path / "run"),
-                                  json.dumps(overrides), "30000", "1000"],
+                                  json.dumps(overrides), str(BEFORE), str(AFTER), str(RATE)],
                                  cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, text=True,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_file)
-            assert run.stdout is not None
-            assert run.stdin is not None
-            first = run.stdout.readline()
-            if first.strip() != "baseline":
-                run.kill()
-                run.communicate()
-                pytest.fail(f"settle did not get going inside the namespace: {stderr.read_text()[-3000:]}")
-            host.impair(delay_ms=DELAY_MS, loss=LOSS, to=[address])
-            connect_ms = _connect_ms(host, address, int(str(cluster.client["port"])))
-            run.stdin.write("impaired\n")
-            run.stdin.flush()
-            out, _ = run.communicate(timeout=900)
-            assert run.returncode == 0, stderr.read_text()[-3000:]
+            with run:  # closes its pipes and reaps it, also on failure (the LAN's teardown kills it first)
+                try:
+                    assert run.stdout is not None
+                    assert run.stdin is not None
+                    first = run.stdout.readline()  # the first batch is settled; nothing more is published yet
+                    if first.strip() != "baseline":
+                        pytest.fail(f"settle did not get going inside the namespace: {stderr.read_text()[-3000:]}")
+                    host.impair(delay_ms=DELAY_MS, loss=LOSS, to=[address])
+                    connect_ms = _connect_ms(host, address, int(str(cluster.client["port"])))
+                    run.stdin.write("impaired\n")  # only now does the child publish the second batch
+                    run.stdin.flush()
+                    out, _ = run.communicate(timeout=1800)  # a hang guard only
+                    assert run.returncode == 0, stderr.read_text()[-3000:]
+                finally:
+                    if run.poll() is None:
+                        run.kill()
+                        run.communicate()
         finally:
             cluster.stop()
     result = json.loads(out.strip().splitlines()[-1])
@@ -67,9 +76,11 @@ def test_delay_and_loss_to_cassandra_lose_nothing_and_add_about_the_delay(tmp_pa
     print(f"delay {DELAY_MS} ms {LOSS:.0%} loss: connect {connect_ms:.1f} ms; mean lag {result['baseline_lag_ms']:.1f}"
           f" ms -> {result['impaired_lag_ms']:.1f} ms over {result['impaired_trades']:.0f} trades")
     assert result["ok"], result["report"]
-    assert result["published"] == result["settled"] == 30_000, result["report"]
+    assert result["published"] == result["settled"] == BEFORE + AFTER, result["report"]
     assert result["errors"] == [], result["errors"]  # warnings only: retries are not the operator's business
-    assert result["impaired_trades"] > 0  # trades settled through the impaired path
+    # The second batch was published after the impairment began, so all of it went through the impaired path.
+    assert result["published_after"] == AFTER, result
+    assert result["impaired_trades"] > 0, result  # and their lag was observed after it began
     # The impairment is in settle's path: a TCP handshake from the settle host to the node now takes the delay.
     assert connect_ms >= DELAY_MS * 0.8, f"connect took {connect_ms:.1f} ms: the delay is not in the path"
 
