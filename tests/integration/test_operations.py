@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 
 from engine.core.errors import EXIT_WAL_CORRUPT
+from engine.core.records import HEADER_BYTES, scan
+from engine.core.wal import TYPE_COMMIT_START
 from engine.verify.demo import start_engine
 from engine.verify.testbed import System
 from tests.integration.test_pipeline import assert_exact
 
 pytestmark = pytest.mark.integration
+
+HALT_TIMEOUT_S = 600.0  # a hang guard: on a loaded machine one shard's start alone has taken 40 s
 
 
 def settle(system: System, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -42,6 +46,17 @@ def crash_everything(system: System) -> None:
     for pid in pids:
         while Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text():
             time.sleep(0.05)
+
+
+def halted_with(engine: subprocess.Popen[bytes], system: System, timeout_s: float = HALT_TIMEOUT_S) -> int:
+    """The exit code of ENGINE, a ``settle run`` expected to halt on its own. Past TIMEOUT_S (a hang guard,
+    not a speed limit) it is killed, reaped, and the test fails with its logs."""
+    try:
+        return engine.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        engine.kill()  # its children get SIGTERM from the kernel when it dies (PR_SET_PDEATHSIG)
+        engine.wait()
+        pytest.fail(f"settle run did not halt within {timeout_s:.0f} s\n{system.logs()}")
 
 
 def segments(system: System, shard: int) -> list[Path]:
@@ -104,8 +119,24 @@ def test_recover_resettles_what_a_crash_left_pending(tmp_path: Path) -> None:
     assert_exact(system)
 
 
+def mid_log_damage(paths: list[Path]) -> tuple[Path, int] | None:
+    """In one symbol's segments (oldest first): a segment and the offset of a byte inside a record's payload
+    that a later commit follows, in the same segment or a later one. A flipped byte there can only be
+    corruption, never a torn tail (the WAL truncates damage after which no commit starts). None if the
+    symbol has no such record."""
+    for index, path in enumerate(paths):
+        records = scan(path.read_bytes()).records
+        commit_starts = [offset for offset, kind, _ in records if kind == TYPE_COMMIT_START]
+        for offset, _kind, _payload in records:
+            if index < len(paths) - 1 or any(start > offset for start in commit_starts):
+                return path, offset + HEADER_BYTES  # the payload's first byte: its checksum fails
+    return None
+
+
 def test_torn_tail_is_truncated_and_mid_segment_damage_halts_until_recover(tmp_path: Path) -> None:
-    system = System(tmp_path, shards=1, overrides={"wal.segment_bytes_max": 8192})
+    # At most 32 trades per group commit, so a full segment (8 KiB) always holds several commits, however
+    # far behind a loaded machine runs: there is mid-segment damage to make, whatever the timing.
+    system = System(tmp_path, shards=1, overrides={"wal.segment_bytes_max": 8192, "wal.batch_trades_max": 32})
     try:
         system.start_engine()
         system.start_sim(20_000, rate=5_000)
@@ -117,19 +148,20 @@ def test_torn_tail_is_truncated_and_mid_segment_damage_halts_until_recover(tmp_p
         by_symbol: dict[str, list[Path]] = {}
         for p in segs:
             by_symbol.setdefault(p.parent.name, []).append(p)
-        torn_symbol, damaged_symbol = sorted(by_symbol)[:2]
+        torn_symbol, *others = sorted(by_symbol)
         tail = by_symbol[torn_symbol][-1]
         with open(tail, "r+b") as f:
             f.truncate(tail.stat().st_size - 7)
-        # Damage in the middle of another symbol's first segment (a flipped byte, sound records after it).
-        middle = by_symbol[damaged_symbol][0]
+        # Damage in the middle of another symbol's log (a flipped byte, a later commit after it).
+        spots = [spot for symbol in others if (spot := mid_log_damage(by_symbol[symbol])) is not None]
+        assert spots, f"no record with a later commit after it in any of {others}: {segs}"
+        middle, at = spots[0]
         data = bytearray(middle.read_bytes())
-        data[200] ^= 0xFF
+        data[at] ^= 0xFF
         middle.write_bytes(bytes(data))
         assert last.exists()
         # The engine refuses to start: the shard exits EXIT_WAL_CORRUPT and the supervisor halts with it.
-        engine = start_engine(system.config_path, tmp_path)
-        assert engine.wait(120) == EXIT_WAL_CORRUPT
+        assert halted_with(start_engine(system.config_path, tmp_path), system) == EXIT_WAL_CORRUPT
         log = (tmp_path / "logs" / "shard-0.log").read_text()
         assert str(middle) in log
         assert "settle recover --shard 0" in log
