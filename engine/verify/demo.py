@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from engine.core import config as configmod
 from engine.core.errors import EXIT_FAILURE, EXIT_VERIFY_FAILED
@@ -29,11 +30,41 @@ from engine.core.supervisor import state_path
 POLL_S = 1.0
 
 
-def free_port() -> int:
+PORTS_LOW: Final = 10_000  # free_port() picks from here up to the kernel's ephemeral range
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take their local port there)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A free port of 127.0.0.1 below the kernel's ephemeral range. The port is only bound later, by the
+    process it is for; a port from the ephemeral range (what binding port 0 gives) could meanwhile become
+    the local end of any outgoing connection on the machine, or of a client's own connect to it while the
+    server is not up yet (TCP connects to itself), and the server's bind would fail: address in use."""
+    low = _ephemeral_low()
+    if low > PORTS_LOW + 1000:
+        for _ in range(1000):
+            port = random.randrange(PORTS_LOW, low)
+            if _bindable(port):
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an odd port range: the kernel's pick
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        picked: int = s.getsockname()[1]
+        return picked
 
 
 def demo_config(data_dir: Path, shards: int, store: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
