@@ -25,7 +25,7 @@ from typing import Any
 from engine.core import config as configmod
 from engine.kafka import config as kafka_config
 from engine.verify.demo import demo_config, free_port, spawn, stop
-from engine.verify.testbed import StoreObserver
+from engine.verify.testbed import StoreObserver, check_simulator
 
 
 @dataclass
@@ -167,6 +167,7 @@ class KafkaSystem(StoreObserver):
             code = child.proc.poll()
             if code is not None:
                 raise AssertionError(f"{child.name} exited with {code}; see {self.root}/logs\n{self.logs()}")
+        check_simulator(self.sim, self.root / "logs" / "simulator.log")
 
     def metrics(self, name: str) -> str:
         """The ``/metrics`` text of the bridge or a shard."""

@@ -308,6 +308,7 @@ class System(StoreObserver):
     def _check_processes(self) -> None:
         if self.engine is not None and self.engine.poll() is not None:
             raise AssertionError(f"the engine exited with {self.engine.returncode}; see {self.root}/logs")
+        check_simulator(self.sim, self.sim_log)
 
     def shard_of(self, symbol: str) -> int:
         return shard_for(symbol, self.config.shard_count)
@@ -366,6 +367,15 @@ class ProgressWatch:
         finally:
             if store is not None:
                 await store.close()
+
+
+def check_simulator(sim: subprocess.Popen[bytes] | None, log: Path | None) -> None:
+    """Raise when the simulator failed (exited with an error: it cannot bind its ports, say). Once it has
+    published everything it goes on serving replays, so only a kill (a test's own) or a failure ends it."""
+    if sim is None or (code := sim.poll()) is None or code <= 0:
+        return
+    tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"the ME simulator exited with {code}; see {log}\n{tail}")
 
 
 def _parent_of(pid: int) -> int | None:
