@@ -211,8 +211,8 @@ class Host:
             except FileNotFoundError:
                 break
             if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
+                with proc:  # reaps it and closes any pipes it was given
+                    proc.kill()
                 raise NetnsError(f"{argv[0]} did not enter namespace {self.ns} within 10 s")
             time.sleep(0.002)
         return proc
