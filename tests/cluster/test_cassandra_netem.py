@@ -74,7 +74,8 @@ def test_delay_and_loss_to_cassandra_lose_nothing_and_add_about_the_delay(tmp_pa
     result = json.loads(out.strip().splitlines()[-1])
     # Lag is printed, not asserted (speed is never asserted): on a loaded 2-core box it is CPU-bound.
     print(f"delay {DELAY_MS} ms {LOSS:.0%} loss: connect {connect_ms:.1f} ms; mean lag {result['baseline_lag_ms']:.1f}"
-          f" ms -> {result['impaired_lag_ms']:.1f} ms over {result['impaired_trades']:.0f} trades")
+          f" ms over {result['baseline_trades']:.0f} trades before, {result['impaired_lag_ms']:.1f} ms over"
+          f" {result['impaired_trades']:.0f} trades after")
     assert result["ok"], result["report"]
     assert result["published"] == result["settled"] == BEFORE + AFTER, result["report"]
     assert result["errors"] == [], result["errors"]  # warnings only: retries are not the operator's business
