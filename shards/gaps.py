@@ -1,11 +1,17 @@
 """Gap filling: ask the ME's replay endpoint for every sequence range a shard is missing.
 
 A gap opens when a trade arrives past ``accepted + 1`` or a heartbeat says the ME has published past
-``accepted``. After a short grace period the filler sends a :class:`ReplayRequest` for the missing range
-(at most ``REQUEST_TRADES_MAX`` at a time), checks every reply (right symbol, contiguous from the first
-sequence asked, each trade sound) and hands the trades to intake, where they join the live path:
-duplicates between replayed and live trades are dropped there. Requests time out and are retried with
-backoff; an unreachable ME never stops the shard: the gap stays open, visible in status and metrics.
+``accepted``. Intake wakes the filler at once (:meth:`GapFiller.wake`; there is no grace period: the ME's
+stream reaches a shard in order, through one router queue or one Kafka partition, so a skipped sequence
+was lost, not late). The filler sends a :class:`ReplayRequest` for one range that covers every hole of
+the symbol within ``REQUEST_TRADES_MAX`` sequences (:meth:`~shards.state.SymbolState.replay_range`), one
+request per symbol in flight, the next one as soon as the last ends: on a lossy link each request takes
+all the holes that opened meanwhile. It checks every reply (right symbol, contiguous from the first
+sequence asked, each trade sound) and hands the trades to the owner's ``deliver``, which wakes intake,
+where they join the live path: duplicates between replayed and live trades are dropped there. Requests
+time out and are retried with backoff; an unreachable ME never stops the shard: the gap stays open,
+visible in status and metrics. Until the replay connection is first up (``CONNECT_GRACE_S``) a request
+waits for it quietly instead of counting the ME as unreachable.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import zmq.asyncio
 from prometheus_client import Counter
 
 from engine.core import security
+from engine.core.child import wait_event
 from engine.core.config import Config
 from engine.core.messages import (
     ReplayChunk,
@@ -38,11 +45,11 @@ from engine.core.messages import (
 from shards.state import Sequencer
 
 REQUEST_TRADES_MAX: Final = 10_000
-GAP_GRACE_NS: Final = 50_000_000
 REPLY_TIMEOUT_S: Final = 3.0
+CONNECT_GRACE_S: Final = 3.0  # a replay connection not up by then is reported unreachable
 BACKOFF_S_MIN: Final = 0.1
 BACKOFF_S_MAX: Final = 5.0
-TICK_S: Final = 0.05
+TICK_S: Final = 0.05  # timeouts, backoffs and reconnects; requests go out on wake() at once
 
 log = logging.getLogger("settle.gaps")
 
@@ -89,6 +96,8 @@ class GapFiller:
         self._backoff: dict[str, _Backoff] = {}
         self._next_id = 1
         self._sock: zmq.asyncio.Socket | None = None
+        self._wakeup = asyncio.Event()
+        self._connecting_until = 0.0
         self.tail_wanted: set[str] = set(sequencer.symbols)  # at start-up: whatever the ME has past us
 
     async def run(self) -> None:
@@ -99,14 +108,16 @@ class GapFiller:
         sock.setsockopt(zmq.RCVHWM, 0)
         self._watch = self._keys.client(sock, self._config.me.replay, "me", f"shard-{self._shard}->me-replay")
         sock.connect(self._config.me.replay)
+        self._connecting_until = time.monotonic() + CONNECT_GRACE_S
         receiver = asyncio.create_task(self._receive(sock))
         try:
             while True:
+                self._wakeup.clear()
                 if self._watch is not None:
                     self._watch.reconnect_if_due()
                 await self._send_due(sock)
                 self._expire()
-                await asyncio.sleep(TICK_S)
+                await wait_event(self._wakeup, TICK_S)
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -123,6 +134,10 @@ class GapFiller:
     def in_flight(self, symbol: str) -> bool:
         return symbol in self._by_symbol
 
+    def wake(self) -> None:
+        """A gap may have opened: send what is due now rather than at the next tick."""
+        self._wakeup.set()
+
     # ---------------------------------------------------------------- requests
 
     def _wanted(self, now_ns: int) -> list[tuple[str, int, int]]:
@@ -130,12 +145,12 @@ class GapFiller:
         for st in self._seq.symbols.values():
             if st.symbol in self._by_symbol:
                 continue
-            gap = st.gap
-            if gap is not None and now_ns - st.gap_since_ns >= GAP_GRACE_NS:
-                first, last = gap
+            wanted = st.replay_range(REQUEST_TRADES_MAX)
+            if wanted is not None:
+                first, last = wanted
                 first = self._past_delivered(st.symbol, first, now_ns)
                 if first <= last:
-                    out.append((st.symbol, first, min(last, first + REQUEST_TRADES_MAX - 1)))
+                    out.append((st.symbol, first, last))
             elif st.symbol in self.tail_wanted:
                 first = self._past_delivered(st.symbol, st.accepted + 1, now_ns)
                 out.append((st.symbol, first, first + REQUEST_TRADES_MAX - 1))
@@ -166,6 +181,8 @@ class GapFiller:
             try:
                 await sock.send(frame, zmq.NOBLOCK)  # awaited: an Again surfaces here, not in a lost Future
             except zmq.Again:
+                if now < self._connecting_until:
+                    return  # the connection is still being made: ask again at the next tick
                 self._fail(symbol, "unreachable")
                 continue
             self._requests[request_id] = _Request(request_id, symbol, first, last, now + REPLY_TIMEOUT_S)
@@ -233,6 +250,7 @@ class GapFiller:
                     self._backoff.pop(request.symbol, None)
                     if last_seq < request.to_seq:
                         self.tail_wanted.discard(request.symbol)  # the ME has nothing further
+                    self._wakeup.set()  # holes that opened meanwhile: the next request goes out now
                 case ReplayFailed(code=code, message=message):
                     self._finish(request)
                     if code == "unknown_symbol":

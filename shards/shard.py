@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from engine.core import metrics as metricsmod
 from engine.core import security
-from engine.core.child import Lifeline, child_args, load_child_config, setup_logging, stoppable_loop
+from engine.core.child import Lifeline, child_args, load_child_config, setup_logging, stoppable_loop, wait_event
 from engine.core.config import Config
 from engine.core.errors import (
     EXIT_CONFIG,
@@ -72,7 +72,8 @@ class Shard(SettleStage):
         self.shard = shard
         self.lifeline = lifeline or Lifeline(None)
         self.registry = metricsmod.new_registry(config.metrics.enabled)
-        self.m = metricsmod.ShardMetrics(self.registry, shard, wal_dir=config.wal_path(shard))
+        self.m = metricsmod.ShardMetrics(self.registry, shard, wal_dir=config.wal_path(shard),
+                                         lag_budget_s=config.metrics.lag_budget_ms / 1000)
         self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
@@ -81,6 +82,7 @@ class Shard(SettleStage):
         self._durable_runs: deque[list[int]] = deque()
         self._wal_lock = asyncio.Lock()  # the WAL's commit and checkpoint run on executor threads
         self._replayed: deque[list[Trade]] = deque()  # replies from the ME, accepted by intake
+        self._replay_delivered = asyncio.Event()  # wakes intake, which may be waiting on its socket
         # symbol -> (first, last) sequence ranges that arrived by replay and are not settled yet: their trades
         # are also observed into settle_replay_lag_seconds (how long a lost trade took to reach the store)
         self._replay_ranges: dict[str, list[tuple[int, int]]] = {}
@@ -195,13 +197,14 @@ class Shard(SettleStage):
     async def catch_up_from_me(self, progress: Progress | None = None, idle_timeout_s: float = 30.0) -> int:
         """Offline (``recover --from-store``): replay from the ME everything past what we hold, settle it."""
         assert self.wal is not None
-        gaps = self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._replayed.append)
+        gaps = self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._deliver_replay)
         task = asyncio.create_task(gaps.run())
         total = 0
         last_progress = time.monotonic()
         try:
             while gaps.tail_wanted or self.sequencer.open_gaps() or self._replayed:
-                await asyncio.sleep(0.05)
+                await wait_event(self._replay_delivered, 0.05)
+                self._replay_delivered.clear()
                 while self._replayed:
                     for trade in self._replayed.popleft():
                         self._accept(trade)
@@ -251,7 +254,7 @@ class Shard(SettleStage):
             ctx, sock, endpoint, f"shard-{self.shard}",
             on_reject=lambda name, reason: self.m.auth_rejected.labels(name, reason).inc())
         sock.bind(endpoint)
-        self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._replayed.append)
+        self.gaps = GapFiller(self.config, self.shard, self.sequencer, self.m, self._deliver_replay)
         self.m.ready.set(1)
         self.lifeline.ready()
         tasks = [
@@ -318,7 +321,7 @@ class Shard(SettleStage):
                 timeout_ms = 100 if not wal.buffered else max(0, int((first_at + wait_s - time.monotonic()) * 1000))
                 if stopping:
                     timeout_ms = 50  # drain what is already queued, then stop
-                if not await sock.poll(timeout=timeout_ms):
+                if not await self._wait_for_input(sock, raw, timeout_ms):
                     if stopping and not wal.buffered:
                         return
                     continue
@@ -347,6 +350,27 @@ class Shard(SettleStage):
             quarantine.close()
             self._intake_done.set()
 
+    def _deliver_replay(self, trades: list[Trade]) -> None:
+        """The gap filler's trades: intake takes them between group commits, woken now if it is idle."""
+        self._replayed.append(trades)
+        self._replay_delivered.set()
+
+    async def _wait_for_input(self, sock: zmq.asyncio.Socket, raw: zmq.Socket[bytes], timeout_ms: int) -> bool:
+        """Whether a frame is ready, after waiting up to ``timeout_ms`` for one or for a replay delivery."""
+        if int(raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # the busy path: no futures
+            return True
+        if timeout_ms == 0 or self._replayed:
+            return False
+        self._replay_delivered.clear()
+        polled = asyncio.ensure_future(sock.poll(timeout=timeout_ms))
+        delivered = asyncio.ensure_future(self._replay_delivered.wait())
+        try:
+            await asyncio.wait((polled, delivered), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            delivered.cancel()
+            polled.cancel()
+        return polled.done() and not polled.cancelled() and bool(polled.result())
+
     def _accept(self, trade: Trade) -> None:
         assert self.wal is not None
         now_ns = time.monotonic_ns()
@@ -354,6 +378,8 @@ class Shard(SettleStage):
         if ready is None:
             self.m.duplicates.inc()
             return
+        if not ready and self.gaps is not None:
+            self.gaps.wake()  # held past a gap: ask the ME now
         wall_ns = time.time_ns()
         intake = self.m.stage["intake"]
         for t in ready:
@@ -365,7 +391,9 @@ class Shard(SettleStage):
     def _on_heartbeat(self, hb: Heartbeat) -> None:
         if shard_for(hb.symbol, self.config.shard_count) != self.shard:
             return
-        self.sequencer.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
+        st = self.sequencer.heartbeat(hb.symbol, hb.seq, time.monotonic_ns())
+        if st.gap is not None and self.gaps is not None and not self.gaps.in_flight(hb.symbol):
+            self.gaps.wake()
 
     async def _group_commit(self) -> None:
         """Write and fdatasync every dirty WAL, then hand the trades to the settle stage."""

@@ -27,6 +27,19 @@ class SymbolState:
                 return self.accepted + 1, last
         return None
 
+    def replay_range(self, trades_max: int) -> tuple[int, int] | None:
+        """One range to ask the ME for that covers every hole within ``trades_max`` sequences of the first:
+        the held trades inside it come again and are dropped as duplicates, and many small holes (a lossy
+        link) cost one request instead of one each. None when nothing is missing."""
+        gap = self.gap
+        if gap is None:
+            return None
+        first, last = gap
+        top = min(max(self.me_latest, max(self.held, default=0)), first + trades_max - 1)
+        while top > last and top in self.held:  # no point in asking for held trades past the last hole
+            top -= 1
+        return first, top
+
 
 class Sequencer:
     """Decides, for each incoming trade, whether it is next, a duplicate or past a gap."""
@@ -78,12 +91,13 @@ class Sequencer:
             st.gap_since_ns = 0
         return out
 
-    def heartbeat(self, symbol: str, seq: int, now_ns: int) -> None:
+    def heartbeat(self, symbol: str, seq: int, now_ns: int) -> SymbolState:
         st = self.state(symbol)
         if seq > st.me_latest:
             st.me_latest = seq
         if st.gap is not None and not st.gap_since_ns:
             st.gap_since_ns = now_ns
+        return st
 
     def open_gaps(self) -> list[SymbolState]:
         return [st for st in self.symbols.values() if st.gap is not None]

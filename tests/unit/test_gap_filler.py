@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
 from typing import Any
 
+import msgspec
+import zmq
+import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter
 
-from engine.core.config import Config
-from engine.core.messages import ReplayChunk, ReplayEnd, encoder
-from shards.gaps import GAP_GRACE_NS, REPLY_TIMEOUT_S, GapFiller
+from engine.core.config import Config, MEConfig
+from engine.core.messages import ReplayChunk, ReplayEnd, ReplayRequest, encoder
+from shards.gaps import REPLY_TIMEOUT_S, TICK_S, GapFiller
 from shards.state import Sequencer
 from tests.factories import trade as make_trade
 
@@ -68,7 +72,7 @@ def test_delivered_but_not_yet_accepted_trades_are_not_asked_for_again() -> None
     st = seq.state("BTC-USDT")
     st.me_latest = 25  # a heartbeat said so: gap 1..25
     now = time.monotonic_ns()
-    st.gap_since_ns = now - GAP_GRACE_NS
+    st.gap_since_ns = now
     assert filler._wanted(now) == [("BTC-USDT", 1, 25)]
 
     request_id = _ask(filler, "BTC-USDT", 1, 10)
@@ -96,4 +100,93 @@ def test_once_accepted_the_gap_itself_decides() -> None:
     for trade in chunk:
         seq.offer(trade, 5)
     assert st.accepted == 20
-    assert filler._wanted(GAP_GRACE_NS + 2) == [("ETH-USDT", 21, 30)]
+    assert filler._wanted(2) == [("ETH-USDT", 21, 30)]
+
+
+def test_one_request_covers_several_holes() -> None:
+    filler, seq, _ = _filler()
+    for n in (1, 3, 5, 6, 9):  # holes at 2, 4, 7-8
+        seq.offer(make_trade(symbol="BTC-USDT", seq=n), 1)
+    assert filler._wanted(2) == [("BTC-USDT", 2, 8)]  # one range to the last hole: 3, 5, 6 come again
+    seq.heartbeat("BTC-USDT", 12, 3)  # the ME is at 12: 10-12 are missing too
+    assert filler._wanted(4) == [("BTC-USDT", 2, 12)]
+    _ask(filler, "BTC-USDT", 2, 12)
+    assert filler._wanted(5) == []  # one request per symbol in flight
+
+
+def test_a_range_is_capped_at_the_request_size() -> None:
+    seq = Sequencer(held_max=100_000)
+    for n in (1, *range(3, 30_000, 2)):  # a hole at every even sequence
+        seq.offer(make_trade(symbol="BTC-USDT", seq=n), 1)
+    assert seq.state("BTC-USDT").replay_range(10_000) == (2, 10_000)  # 10,001 is held: not asked for
+
+
+def test_a_replay_delivery_wakes_an_idle_intake() -> None:
+    """Intake waiting on its socket returns when the gap filler delivers trades, with no live frame."""
+    from engine.core import config as configmod
+    from shards.shard import Shard
+
+    shard = Shard(configmod.load(None, ["metrics.enabled=false"]), 0)
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind("inproc://intake")
+    raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+
+    async def main() -> bool:
+        waiting = asyncio.create_task(shard._wait_for_input(sock, raw, 600_000))  # ten minutes, unless woken
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        shard._deliver_replay([make_trade(seq=1)])
+        return await asyncio.wait_for(waiting, 30)
+
+    try:
+        assert asyncio.run(main()) is False  # woken by the delivery, no frame on the socket
+        assert len(shard._replayed) == 1
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_a_request_waits_for_the_replay_connection_instead_of_reporting_the_me_unreachable() -> None:
+    """At start-up the filler's first request goes out before its connection is up: it waits for it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = Config(me=MEConfig(replay=f"tcp://127.0.0.1:{port}"))
+    seq = Sequencer(held_max=1000)
+    seq.heartbeat("BTC-USDT", 2, 1)  # trades 1-2 are missing
+    delivered: list[list[Any]] = []
+    metrics = _Metrics()
+    ctx = zmq.asyncio.Context.instance()
+
+    async def main() -> None:
+        arrived = asyncio.Event()
+
+        def deliver(trades: list[Any]) -> None:
+            delivered.append(trades)
+            arrived.set()
+
+        filler = GapFiller(config, 0, seq, metrics, deliver)
+        running = asyncio.create_task(filler.run())
+        me = ctx.socket(zmq.ROUTER)
+        try:
+            for _ in range(3):  # a few ticks with nobody listening: the ME starts late
+                await asyncio.sleep(TICK_S)
+            me.bind(f"tcp://127.0.0.1:{port}")
+            envelope, frame = await asyncio.wait_for(me.recv_multipart(), 30)
+            request = msgspec.msgpack.decode(frame, type=ReplayRequest)
+            assert (request.from_seq, request.to_seq) == (1, 2)
+            trades = [make_trade(symbol="BTC-USDT", seq=n) for n in (1, 2)]
+            await me.send_multipart([envelope, encoder.encode(ReplayChunk(request.request_id, "BTC-USDT", trades))])
+            await me.send_multipart([envelope, encoder.encode(ReplayEnd(request.request_id, "BTC-USDT", 2))])
+            await asyncio.wait_for(arrived.wait(), 30)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            filler.close()
+            me.close(0)
+
+    asyncio.run(main())
+    assert [t.seq for t in delivered[0]] == [1, 2]
+    assert metrics.replay_rejected.labels("0", "unreachable")._value.get() == 0
