@@ -100,6 +100,7 @@ class MetricsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     router_port: Port = 9401
     simulator_port: Port = 9402
     shard_port_base: Port = 9410  # shard N serves on shard_port_base + N
+    lag_budget_ms: PositiveInt = 25  # the settle lag p99 to hold; exported for the SettleLagOverBudget alert
 
 
 class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -356,7 +356,8 @@ class _WalDiskCollector(Collector):
 
 
 class ShardMetrics:
-    def __init__(self, registry: CollectorRegistry, shard: int, *, wal_dir: str | Path | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry, shard: int, *, wal_dir: str | Path | None = None,
+                 lag_budget_s: float = 0.025) -> None:
         s = str(shard)
         f = Families(registry)
         by_shard = ["shard"]
@@ -394,6 +395,9 @@ class ShardMetrics:
                                              "Per trade, the time spent in each stage from ME execution to "
                                              "store commit", {"shard": s, "stage": stage}, LATENCY_BUCKETS_S)
                       for stage in STAGES}
+        # The alert SettleLagOverBudget compares the lag's p99 with this, so the budget is set in one place.
+        gauge("settle_lag_budget_seconds", "metrics.lag_budget_ms: the settle lag p99 operators hold this shard to"
+              ).set(lag_budget_s)
         self.fsync = histogram("settle_wal_fsync_seconds", "WAL group commit: write and fdatasync",
                                FSYNC_BUCKETS_S)
         self.group_commit = histogram("settle_wal_group_commit_trades", "Trades per WAL group commit",

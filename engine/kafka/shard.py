@@ -93,7 +93,7 @@ class KafkaShard(SettleStage):
         self.shard = shard
         self.lifeline = lifeline or Lifeline(None)
         self.registry = metricsmod.new_registry(config.metrics.enabled)
-        self.m = metricsmod.ShardMetrics(self.registry, shard)
+        self.m = metricsmod.ShardMetrics(self.registry, shard, lag_budget_s=config.metrics.lag_budget_ms / 1000)
         self.km = KafkaShardMetrics(self.registry, shard)
         self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.store: Store | None = None

@@ -5,6 +5,8 @@ running supervisor wrote to ``<data_dir>/run/config.json`` when there is one) an
 
 - per shard: ready, trades/s settled, trades behind the ME, open gaps, WAL bytes, fsync and store write p99,
   quarantined messages, the router's fan-out to it and its queue there, restarts, CPU and RSS;
+- per shard, where a trade's time goes: the settle lag's p50 and p99, and the mean time per trade in each
+  stage of ``settle_stage_seconds`` (they add up to the mean lag);
 - the router's intake and drops, the supervisor's restarts, and the simulator when one is serving.
 
 Rates and percentiles are taken over the last ``WINDOW_S`` seconds of scrapes, the way Prometheus's
@@ -29,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core.config import Config
 from engine.core.errors import EXIT_FAILURE, EXIT_OK
+from engine.core.metrics import STAGES
 
 WINDOW_S: Final = 10.0
 SCRAPE_TIMEOUT_S: Final = 0.8
@@ -153,6 +156,20 @@ def quantile(q: float, old: Samples | None, new: Samples | None, name: str, **wa
     return lower_bound
 
 
+def mean(old: Samples | None, new: Samples | None, name: str, **want: str) -> float | None:
+    """The mean of the observations histogram ``name`` made between two scrapes; None when there were none."""
+    if old is None or new is None:
+        return None
+    total_new, count_new = total(new, f"{name}_sum", **want), total(new, f"{name}_count", **want)
+    if total_new is None or not count_new:
+        return None
+    total_old, count_old = total(old, f"{name}_sum", **want) or 0.0, total(old, f"{name}_count", **want) or 0.0
+    if count_new < count_old:  # the process restarted: everything since its start
+        total_old, count_old = 0.0, 0.0
+    count = count_new - count_old
+    return (total_new - total_old) / count if count > 0 else None
+
+
 # ------------------------------------------------------------------------------ the screen
 
 
@@ -160,6 +177,8 @@ def _num(v: float | None, unit: str = "") -> str:
     if v is None:
         return "-"
     if unit == "s":
+        if v < 0.01:
+            return f"{v * 1e3:.2f}ms"
         return f"{v * 1e3:.1f}ms" if v < 1 else f"{v:.2f}s"
     if unit == "B":
         for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -221,6 +240,18 @@ def frame(old: Scrape, new: Scrape, shards: int, where: str) -> str:
         ])
     lines += _table(["shard", "state", "settled/s", "behind ME", "gaps", "WAL", "fsync p99", "store p99",
                      "quarantined", "routed/s", "queue", "restarts", "cpu", "rss"], rows)
+    lines += ["", "time per trade: settle lag, and its mean in each stage (the stages add up to the lag mean)"]
+    stage_rows = []
+    for i in range(shards):
+        s, so = n.get(f"shard-{i}"), o.get(f"shard-{i}")
+        stage_rows.append([
+            str(i),
+            _num(quantile(0.50, so, s, "settle_lag_seconds"), "s"),
+            _num(quantile(0.99, so, s, "settle_lag_seconds"), "s"),
+            _num(mean(so, s, "settle_lag_seconds"), "s"),
+            *(_num(mean(so, s, "settle_stage_seconds", stage=stage), "s") for stage in STAGES),
+        ])
+    lines += _table(["shard", "lag p50", "lag p99", "lag mean", *STAGES], stage_rows)
     lines.append("")
     if router is None:
         lines.append("router      DOWN")

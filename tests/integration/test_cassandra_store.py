@@ -25,8 +25,7 @@ from engine.core.config import CassandraConfig, ReplicationConfig
 from engine.core.errors import ConfigError, StoreRejected, StoreUnavailable
 from engine.core.settlement import Settler
 from engine.core.store.base import Batch, Store
-from engine.core.store.cassandra import CassandraStore
-from engine.core.store.cassandra import migrate
+from engine.core.store.cassandra import CassandraStore, migrate
 from tests import contract
 from tests.conftest import unavailable
 from tests.servers.cassandra import CassandraServer, CassandraServerError

@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from engine.core.metrics import STAGES
 from engine.ops.top import top
 from engine.verify.demo import free_port
 from engine.verify.testbed import System
@@ -343,14 +344,24 @@ def test_settle_top_shows_every_shard_settling(observed: Observed) -> None:
     out = io.StringIO()
     assert top(observed.system.config, once=True, interval_s=1.0, out=out) == 0
     text = out.getvalue()
-    rows = {line.split()[0]: line.split() for line in text.splitlines() if re.match(r"^\d+\s", line)}
+    shards_part, _, stages_part = text.partition("time per trade:")
+    rows = {line.split()[0]: line.split() for line in shards_part.splitlines() if re.match(r"^\d+\s", line)}
     assert sorted(rows) == [str(i) for i in range(SHARDS)], text
-    header = next(line.split() for line in text.splitlines() if line.startswith("shard "))
+    header = next(line.split() for line in shards_part.splitlines() if line.startswith("shard "))
     settled = header.index("settled/s")
     for row in rows.values():
         assert row[1] == "ready", text
         assert row[settled] != "-", text
     assert sum(float(row[settled].replace(",", "")) for row in rows.values()) > 0, text
+    # Where the time goes: the lag and every stage have a value for each shard that settled in the window.
+    stage_header = next(line.split() for line in stages_part.splitlines() if line.startswith("shard "))
+    assert stage_header == ["shard", "lag", "p50", "lag", "p99", "lag", "mean", *STAGES], text
+    stage_rows = [line.split() for line in stages_part.splitlines() if re.match(r"^\d+\s", line)]
+    assert [row[0] for row in stage_rows] == [str(i) for i in range(SHARDS)], text
+    for row in stage_rows:
+        assert len(row) == 4 + len(STAGES), text
+        if float(rows[row[0]][settled].replace(",", "")) > 0:
+            assert all(re.fullmatch(r"[\d.]+m?s", cell) for cell in row[1:]), text
     assert re.search(r"^router\s+received [\d,]+/s", text, re.M), text
     assert re.search(r"^supervisor\s+children up 3/3", text, re.M), text
 
