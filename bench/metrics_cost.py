@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trades, rounds = (10_000, 1) if args.quick else (args.trades, args.rounds)
 
-    runs = []
+    runs: list[dict[str, Any]] = []
     for i in range(rounds):
         for mode in ("on", "off") if i % 2 == 0 else ("off", "on"):
             run = run_once(mode, trades, args.shards, args.symbols, args.scrape_interval)

@@ -32,6 +32,9 @@ class NullStore:
         self.batches += 1
         self.trades += len(batch.trades)
 
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        pass
+
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         return {}
 

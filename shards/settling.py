@@ -69,6 +69,10 @@ class SettleStage:
         self.m.store_inflight.set(1)
         await self._retry("write a batch", lambda: self._write(batch))
         self.m.store_inflight.set(0)
+        self._batch_settled(trades, batch, started)
+
+    def _batch_settled(self, trades: list[Trade], batch: Batch, started: float) -> None:
+        """``batch`` (written from ``started``, ``time.perf_counter``) and its watermarks are in the store."""
         took = time.perf_counter() - started
         self.m.store_write.observe(took)
         self.m.stage["write"].observe_many(took, len(trades))

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Final
 
 import msgspec
@@ -49,12 +51,24 @@ from engine.core.progress import Progress
 from engine.core.quarantine import Quarantine
 from engine.core.settlement import Settler
 from engine.core.store import Store, open_store
+from engine.core.store.base import Batch
 from engine.core.wal import RecoveryReport, ShardWal
 from shards.gaps import GapFiller
 from shards.settling import RETRY_BACKOFF_S_MAX, SettleStage
 from shards.state import Sequencer
 
 STORE_BATCH_TRADES_MAX: Final = 20_000
+
+
+@dataclass(slots=True)
+class _Writing:
+    """A store batch being written by the settle loop."""
+
+    trades: list[Trade]
+    batch: Batch  # with its watermarks, which ``sent`` may have gone without
+    carries_watermarks: bool
+    started: float  # time.perf_counter()
+    task: asyncio.Future[None]
 RECOVERY_BATCH_TRADES: Final = 20_000
 CHECKPOINT_INTERVAL_S: Final = 1.0
 WAL_LOCK_WAIT_S: Final = 60.0
@@ -93,6 +107,9 @@ class Shard(SettleStage):
         self.wal: ShardWal | None = None
         self.store: Store | None = None
         self.settler: Settler | None = None
+        # SQLite takes one write transaction at a time; Cassandra's latency is hidden by several.
+        cassandra = config.store.kind == "cassandra" and not config.store.factory
+        self._batches_in_flight = config.store.cassandra.batches_in_flight_max if cassandra else 1
         self.gaps: GapFiller | None = None
         self.recovery: RecoveryReport | None = None
         self.recovered_count = 0
@@ -429,17 +446,67 @@ class Shard(SettleStage):
         self._settle_wakeup.set()
 
     async def _settle_loop(self) -> None:
+        """Hand the durable trades to the store in batches, up to ``batches_in_flight`` of them at once.
+
+        Batches are prepared in WAL order, so each one's positions already hold every earlier batch's
+        trades, and a position write carries its trade's sequence: the store keeps the newest whichever
+        write lands last. Only the watermarks need order, and they move over the written prefix only: a
+        batch sent while none is in flight carries its own; the others go without, and once every batch
+        before them is in the store one watermark write covers them. A crash with batches in flight loses
+        nothing: the WAL re-settles everything past the watermarks, and rows already in are idempotent.
+        """
+        inflight: deque[_Writing] = deque()
+        dispatched = 0  # trades at the front of ``unsettled`` that are in a batch of ``inflight``
         while True:
-            await self._settle_wakeup.wait()
-            self._settle_wakeup.clear()
-            while self.unsettled:
-                n = min(len(self.unsettled), STORE_BATCH_TRADES_MAX)
-                chunk = [self.unsettled[i] for i in range(n)]
-                await self._settle_batch(chunk)
-                for _ in range(n):
+            while dispatched < len(self.unsettled) and len(inflight) < self._batches_in_flight:
+                n = min(len(self.unsettled) - dispatched, STORE_BATCH_TRADES_MAX)
+                chunk = [self.unsettled[dispatched + i] for i in range(n)]
+                self._observe_store_wait(n)
+                batch = await self._prepare_batch(chunk)
+                carries_watermarks = not inflight
+                sent = batch if carries_watermarks else Batch(batch.trades, batch.positions, {})
+                writing = asyncio.ensure_future(self._retry("write a batch", functools.partial(self._write, sent)))
+                inflight.append(_Writing(chunk, batch, carries_watermarks, time.perf_counter(), writing))
+                dispatched += n
+                self.m.store_inflight.set(len(inflight))
+            if not inflight:
+                await self._settle_wakeup.wait()
+                self._settle_wakeup.clear()
+                continue
+            oldest = inflight[0].task
+            if len(inflight) < self._batches_in_flight:  # a free slot: new trades may go out meanwhile
+                self._settle_wakeup.clear()
+                woken = asyncio.ensure_future(self._settle_wakeup.wait())
+                try:
+                    await asyncio.wait((oldest, woken), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+            else:
+                await asyncio.wait((oldest,))
+            written: list[_Writing] = []
+            while inflight and inflight[0].task.done():
+                inflight[0].task.result()  # a refused batch stops the shard, as a refused write always did
+                written.append(inflight.popleft())
+            if not written:
+                continue
+            marks: dict[str, int] = {}
+            for w in written:
+                if not w.carries_watermarks:
+                    marks.update(w.batch.watermarks)  # later batches' sequences are higher
+            if marks:
+                await self._retry("write watermarks", functools.partial(self._advance_watermarks, marks))
+            for w in written:
+                self._batch_settled(w.trades, w.batch, w.started)
+                for _ in range(len(w.trades)):
                     self.unsettled.popleft()
-                self.m.wal_pending.set(len(self.unsettled))
-                self._intake_space.set()
+                dispatched -= len(w.trades)
+            self.m.store_inflight.set(len(inflight))
+            self.m.wal_pending.set(len(self.unsettled))
+            self._intake_space.set()
+
+    async def _advance_watermarks(self, marks: dict[str, int]) -> None:
+        assert self.store is not None
+        await self.store.advance_watermarks(marks)
 
     async def _settle_batch(self, trades: list[Trade]) -> None:
         """Settle trades that are already durable in the WAL; retries until the store has them."""

@@ -20,9 +20,13 @@ from shards.shard import Shard
 
 
 @contextmanager
-def running_shard(config: Config, data_dir: Path) -> Iterator[tuple[Shard, zmq.Socket[bytes]]]:
-    """Start shard 0 of ``config``; yield it and a PUSH socket connected to its intake; stop it on exit."""
+def running_shard(config: Config, data_dir: Path, *, batches_in_flight: int | None = None
+                  ) -> Iterator[tuple[Shard, zmq.Socket[bytes]]]:
+    """Start shard 0 of ``config``; yield it and a PUSH socket connected to its intake; stop it on exit.
+    ``batches_in_flight`` overrides the store batches it writes at once (a store patched in for one)."""
     shard = Shard(config, 0)
+    if batches_in_flight is not None:
+        shard._batches_in_flight = batches_in_flight
     loop = asyncio.new_event_loop()
     runner = threading.Thread(target=loop.run_until_complete, args=(shard.run(),))
     (data_dir / "run").mkdir(mode=0o700, exist_ok=True)

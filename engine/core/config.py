@@ -79,6 +79,9 @@ class CassandraConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     password_env: str | None = None  # or the name of an environment variable holding it
     tls_ca_file: str | None = None
     requests_in_flight_max: PositiveInt = 256
+    # Store batches a shard writes at once. Their rows may land in any order (positions carry their trade's
+    # sequence); the watermarks only ever move over the batches all written, so a crash loses nothing.
+    batches_in_flight_max: PositiveInt = 4
     request_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     logged_batches: bool = False
     create_schema: bool = True  # create keyspace and tables on first start

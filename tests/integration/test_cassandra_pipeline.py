@@ -62,7 +62,10 @@ def test_every_trade_settled_once_on_cassandra(tmp_path: Path, cassandra: Cassan
     assert_exact(system)
 
 
-def test_sigkill_a_shard_between_wal_fsync_and_the_store_write(tmp_path: Path, server: CassandraServer) -> None:
+def test_sigkill_a_shard_with_batches_in_flight_between_wal_fsync_and_the_store_write(
+        tmp_path: Path, server: CassandraServer) -> None:
+    """Several store batches of shard 0 are being written (and retried) when it is killed: the watermarks
+    moved over the written prefix only, so the WAL re-settles whatever was not in, nothing twice."""
     system = on_cassandra(tmp_path, server)
     try:
         system.start_engine()
@@ -72,9 +75,10 @@ def test_sigkill_a_shard_between_wal_fsync_and_the_store_write(tmp_path: Path, s
         os.kill(server.pid, signal.SIGSTOP)  # the store stops answering: trades pile up fsynced in the WAL
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and _wal_ahead(system) < 500:
+            while time.monotonic() < deadline and (_wal_ahead(system) < 500 or _in_flight(system, 0) < 2):
                 time.sleep(0.1)
             assert _wal_ahead(system) >= 500, "the WAL did not get ahead of the store"
+            assert _in_flight(system, 0) >= 2, "shard 0 never had several batches in flight"
             old = system.kill("shard-0")
         finally:
             os.kill(server.pid, signal.SIGCONT)
@@ -104,19 +108,28 @@ def test_cassandra_stopped_mid_run_then_started_again(tmp_path: Path, server: Ca
     assert_exact(system)
 
 
-def _wal_ahead(system: System) -> int:
-    """Trades fsynced in the shards' WALs and not yet in the store, from their own /metrics."""
+def _shard_gauge(system: System, name: str, shards: range | None = None) -> int:
+    """The sum of gauge ``name`` over the shards (all, or ``shards``), from their own /metrics."""
     total = 0.0
-    for shard in range(system.config.shard_count):
+    for shard in shards if shards is not None else range(system.config.shard_count):
         port = system.config.metrics.shard_port_base + shard
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 text = response.read().decode()
         except OSError:
             continue  # restarting
-        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                     if line.startswith("settle_wal_pending_trades{"))
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}{{"))
     return int(total)
+
+
+def _wal_ahead(system: System) -> int:
+    """Trades fsynced in the shards' WALs and not yet in the store."""
+    return _shard_gauge(system, "settle_wal_pending_trades")
+
+
+def _in_flight(system: System, shard: int) -> int:
+    """Store batches ``shard`` is writing."""
+    return _shard_gauge(system, "settle_store_inflight_batches", range(shard, shard + 1))
 
 
 def test_store_down_fills_the_wal_to_its_bound_then_pushes_back(tmp_path: Path, server: CassandraServer) -> None:

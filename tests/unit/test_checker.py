@@ -40,6 +40,10 @@ class FakeStore:
         for symbol, seq in batch.watermarks.items():
             self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
 
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        for symbol, seq in watermarks.items():
+            self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
+
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         return {key: self.rows[key] for key in keys if key in self.rows}
 

@@ -50,6 +50,9 @@ class Store(Protocol):
     async def write(self, batch: Batch) -> None:
         """Ledger and positions, then watermarks. Idempotent; raises StoreUnavailable (retriable)."""
 
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        """Move these symbols' watermarks up (never down), for batches written without theirs."""
+
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         """Current rows for these keys; absent keys are left out."""
         ...

@@ -519,7 +519,12 @@ class CassandraStore:
         else:
             await self._all(self._partition_batches(batch))
         # Only now: the watermark says the whole batch is in the store.
-        await self._all([st.watermark.bind((s, seq, seq)) for s, seq in batch.watermarks.items()])
+        await self.advance_watermarks(batch.watermarks)
+
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        if self._session is None:
+            raise ClosedError(f"{self._where}: the store is closed")
+        await self._all([self._st.watermark.bind((s, seq, seq)) for s, seq in watermarks.items()])
 
     def _partition_batches(self, batch: Batch) -> list[Statement]:
         st = self._st

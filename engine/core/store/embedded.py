@@ -161,6 +161,18 @@ class EmbeddedStore:
                 conn.execute("ROLLBACK")
             raise
 
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        marks = list(watermarks.items())
+        await self._begin_immediate()
+        try:
+            await self._run(lambda conn: conn.executemany(_UPSERT_WATERMARK, marks))
+            await self._run(lambda conn: conn.execute("COMMIT"), threaded=True)
+        except BaseException:
+            conn = self._conn
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     async def _begin_immediate(self) -> None:
         """Take the write lock, polling while another process holds it, for at most the busy timeout."""
         deadline = time.monotonic() + self._busy_timeout_s
