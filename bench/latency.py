@@ -20,10 +20,11 @@ from typing import Any
 
 from bench.common import fraction_at_most, histogram_buckets, histogram_sum, quantile, scrape, subtract
 from bench.settlerun import Bench, CassandraTarget
+from engine.core import metrics
 
 LAG_METRIC = "settle_lag_seconds"
 STAGE_METRIC = "settle_stage_seconds"
-STAGES = ("intake", "commit_wait", "fsync", "store_wait", "read", "write")  # engine.metrics.STAGES, in order
+STAGES = tuple(metrics.STAGES)  # in the order a trade passes them
 WARM_FRACTION = 0.1
 
 Histogram = tuple[dict[float, float], float]  # cumulative buckets, sum

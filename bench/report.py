@@ -93,6 +93,20 @@ def render(results: dict[str, Any], doc_dir: Path, out_dir: Path) -> str:
         lines += _table(["mode", "seconds", "rows/s", "trades/s"], [
             [r["mode"], _num(r["seconds"], 2), _num(r["rows_per_s"]), _num(r["trades_per_s"])] for r in cass["modes"]])
 
+    sus = results.get("sustained", {})
+    if sus.get("runs"):
+        lines += ["### Sustained capacity", "",
+                  "Each rate published live for the given minutes; it holds when the last minute's lag p99 is no "
+                  "higher than the second minute's and no backlog grows. The latency runs take fractions of the "
+                  "highest rate that holds.", ""]
+        lines += _table(["store", "burst trades/s", "sustained trades/s"], [
+            [store, _num(c["burst_trades_per_s"]), _num(c["sustained_trades_per_s"])]
+            for store, c in sus.get("capacity", {}).items()])
+        lines += _table(["store", "rate/s", "minutes", "2nd minute p99 ms", "last minute p99 ms", "last backlog",
+                         "holds"], [
+            [r["store"], _num(r["rate"]), _num(r["minutes"]), _num(r["second_minute_p99_ms"], 1),
+             _num(r["last_minute_p99_ms"], 1), _num(r["last_backlog"]), _num(r["holds"])] for r in sus["runs"]])
+
     lat = results.get("latency", {}).get("runs", [])
     if lat:
         lines += ["### Latency (ME timestamp to store commit)", ""]
@@ -100,6 +114,10 @@ def render(results: dict[str, Any], doc_dir: Path, out_dir: Path) -> str:
             [r["store"], f"{r['fraction']:.0%} of {r['max_rate']:,.0f}/s", _num(r["rate"]), _num(r["count"]),
              _num(r["p50_ms"], 1), _num(r["p99_ms"], 1), _num(r["p999_ms"], 1),
              f"{r['share_le_25ms']:.1%}" if r.get("share_le_25ms") is not None else "-"] for r in lat])
+        lines += ["", "Where the time went (mean ms per trade; the stages add up to the lag's mean):", ""]
+        stages = [s["stage"] for s in lat[0].get("stages", [])]
+        lines += _table(["store", "rate/s", *stages], [
+            [r["store"], _num(r["rate"]), *(_num(s["mean_ms"], 2) for s in r.get("stages", []))] for r in lat])
 
     rec = results.get("recovery", {})
     if rec.get("resettle") or rec.get("kill"):
@@ -115,8 +133,9 @@ def render(results: dict[str, Any], doc_dir: Path, out_dir: Path) -> str:
     if rep.get("lost"):
         lines += ["### Gap replay", "",
                   f"Lost trades (`settle sim --drop`): ME execution to store commit of the trades that came by "
-                  f"replay (`settle_replay_lag_seconds`), against all trades (`settle_lag_seconds`). Gap grace "
-                  f"{rep['gap_grace_ms']:.0f} ms; requests of up to {rep['request_trades_max']:,} trades.", ""]
+                  f"replay (`settle_replay_lag_seconds`), against all trades (`settle_lag_seconds`). A gap is "
+                  f"asked for at once, one request covering a symbol's holes, up to {rep['request_trades_max']:,} "
+                  f"trades.", ""]
         lines += _table(["run", "trades/s per symbol", "heartbeat ms", "lost", "replayed lag p50 ms",
                          "replayed lag p99 ms", "all trades p99 ms", "verified"], [
             [r["name"], _num(r["per_symbol_per_s"], 1), _num(r["heartbeat_ms"]), _num(r["lost"]),

@@ -40,8 +40,8 @@ from typing import Any
 
 from bench.common import RESULTS, clean_json, disk_of, machine, table
 
-SCENARIOS = ("limits", "baseline", "throughput", "demo", "cassandra", "latency", "recovery", "replay", "memory",
-             "others")
+SCENARIOS = ("limits", "baseline", "throughput", "demo", "cassandra", "sustained", "latency", "recovery", "replay",
+             "memory", "others")
 STORES = ("embedded", "cassandra")
 
 
@@ -58,6 +58,9 @@ class Sizes:
     latency_s: float
     recovery_records: dict[str, int]
     kill_s: float
+    sustained_fractions: tuple[float, ...]  # of the burst rate, tried lowest first until one does not hold
+    sustained_minutes: int
+    sustained_minute_s: float  # the sampling period ("minute"): 60 s, shorter in a quick run
     memory_trades: int
     memory_interval_s: float
 
@@ -68,6 +71,7 @@ FULL = Sizes(
     store_write_trades=40_000, store_write_concurrencies=(32, 128, 512), latency_s=30.0,
     recovery_records={"embedded": 1_000_000, "cassandra": 100_000}, kill_s=30.0,
     memory_trades=10_000_000, memory_interval_s=5.0,
+    sustained_fractions=(0.3, 0.45, 0.6, 0.75), sustained_minutes=5, sustained_minute_s=60.0,
 )
 QUICK = Sizes(
     throughput_trades=20_000, cassandra_trades=5_000, shard_counts=(2,),
@@ -75,6 +79,7 @@ QUICK = Sizes(
     store_write_trades=4_000, store_write_concurrencies=(64,), latency_s=3.0,
     recovery_records={"embedded": 20_000, "cassandra": 5_000}, kill_s=6.0,
     memory_trades=40_000, memory_interval_s=0.5,
+    sustained_fractions=(0.3,), sustained_minutes=2, sustained_minute_s=3.0,
 )
 LATENCY_FRACTIONS = (0.5, 0.9)
 MEMORY_RATE_FRACTION = 0.6
@@ -241,8 +246,14 @@ class Run:
               f"LOGGED / default: {result.get('logged_vs_default', math.nan):.2f}")
 
     def max_rate(self, store: str) -> float:
-        """The rate the latency, kill and memory runs are a fraction of: settle on ``store`` with the live
-        simulator (which they use) and the default shard count; else the best flat-out figure."""
+        """The rate the latency, kill and memory runs are a fraction of: the sustained capacity on ``store``
+        when measured, else the burst rate (:meth:`burst_rate`)."""
+        sustained = self.results.get("sustained", {}).get("capacity", {}).get(store, {}).get("sustained_trades_per_s")
+        return float(sustained) if sustained else self.burst_rate(store)
+
+    def burst_rate(self, store: str) -> float:
+        """Settle on ``store`` with the live simulator and the default shard count; else the best flat-out
+        figure; else ``--max-rate``."""
         demo = [r for r in self.results.get("demo", {}).get("runs", [])
                 if r["store"] == store and r["publisher"] == "sim" and r["shards"] == 2 and "fsync" not in r["run"]]
         if demo:
@@ -254,6 +265,29 @@ class Run:
             return float(self.args.max_rate)
         raise RuntimeError(f"no maximum rate measured for the {store} store yet: run `demo` or `throughput` "
                            "first, or pass --max-rate")
+
+    def sustained(self) -> None:
+        from bench.sustained import run_rate
+
+        section = self.results.setdefault("sustained", {"runs": [], "capacity": {}})
+        for store in self.stores:
+            burst = self.burst_rate(store)
+            held = None
+            for fraction in self.sizes.sustained_fractions:
+                r = run_rate(max(100.0, burst * fraction), minutes=self.sizes.sustained_minutes, store=store,
+                             cassandra=self.target_for(store), minute_s=self.sizes.sustained_minute_s,
+                             work_dir=self.work_dir)
+                r["fraction_of_burst"] = fraction
+                section["runs"].append(r)
+                self.verified(r["verified"], f"sustained-{store}-{r['rate']:.0f}")
+                self.save()
+                if not r["holds"]:
+                    break
+                held = r["rate"]
+            section["capacity"][store] = {"burst_trades_per_s": burst, "sustained_trades_per_s": held}
+            print(f"sustained capacity ({store}): {held or 'none of the rates tried'} trades/s "
+                  f"(burst {burst:,.0f})", flush=True)
+            self.save()
 
     def latency(self) -> None:
         from bench.latency import run_latency
@@ -467,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         run.scenario("throughput", run.throughput)
         run.scenario("demo", run.demo)
         run.scenario("cassandra", run.cassandra_store)
+        run.scenario("sustained", run.sustained)
         run.scenario("latency", run.latency)
         run.scenario("recovery", run.recovery)
         run.scenario("replay", run.replay)

@@ -16,9 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.latency import STAGES
+
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("machine", "limits", "baseline", "throughput", "demo", "latency", "recovery", "replay", "memory",
-            "targets", "summary", "errors", "scenario_seconds")
+SECTIONS = ("machine", "limits", "baseline", "throughput", "demo", "sustained", "latency", "recovery", "replay",
+            "memory", "targets", "summary", "errors", "scenario_seconds")
 
 
 def _finite_numbers(value: Any) -> bool:
@@ -57,11 +59,17 @@ def test_quick_bench_writes_well_formed_json(tmp_path: Path) -> None:
         assert run["verified"] is (None if run["store"] == "null" else True), run
     assert results["demo"]["group_commit_vs_fsync_per_trade"] > 0
 
+    sustained = results["sustained"]
+    assert [r["rate"] > 0 and r["verified"] is True for r in sustained["runs"]] == [True]
+    assert len(sustained["runs"][0]["per_minute"]) == 2
+    assert sustained["capacity"]["embedded"]["burst_trades_per_s"] > 0
+
     for level in results["latency"]["runs"]:
         assert level["verified"] is True
         assert level["count"] > 0
         assert level["p50_ms"] <= level["p99_ms"] <= level["p999_ms"]
         assert level["buckets"][-1][0] is None  # +Inf, written as null
+        assert [s["stage"] for s in level["stages"]] == ["lag", *STAGES]
     assert {level["fraction"] for level in results["latency"]["runs"]} == {0.5, 0.9}
 
     (resettle,) = results["recovery"]["resettle"]
