@@ -1,55 +1,85 @@
 """Invariant 5: no store write for a trade happens before its WAL record is fsynced.
 
-The shard runs in-process on the embedded store. The WAL's commit and the store's write are wrapped:
-a commit records, once fdatasync has returned, which sequences are durable; a store write asserts that
-every trade it carries is among them.
+The shard runs in-process on the embedded store. ``os.fdatasync`` is wrapped to record which file each
+call synced and how long that file was then. A WAL commit counts a symbol's new trades durable only when
+the symbol's segment file (``<wal root>/<symbol>/<first seq>.seg``, the last one holding its newest
+records) was fdatasynced during that commit with all its bytes: a commit that returned without syncing
+one symbol's file leaves that symbol's trades not durable. A store write asserts that every trade it
+carries is durable.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from engine.core import config as configmod
 from engine.core.messages import encoder
+from engine.core.store.base import Batch
 from engine.core.store.embedded import EmbeddedStore
-from engine.core.wal import ShardWal
+from engine.core.wal import SEGMENT_SUFFIX, ShardWal
 from tests.factories import trade
 from tests.inprocess import running_shard, wait_until
 
+SYMBOLS = ("BTC-USDT", "ETH-USDT", "SOL-USDT")
+
+
+def _newest_segment(wal: ShardWal, symbol: str) -> Path:
+    """The segment a commit appends ``symbol``'s records to: names are zero-padded first seqs, so the
+    greatest name is the newest segment."""
+    return max((wal.root / symbol).glob(f"*{SEGMENT_SUFFIX}"))
+
 
 def test_every_store_write_follows_the_fsync_of_its_trades(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    durable: dict[str, int] = {}
-    fsyncs = {"calls": 0}
+    durable: dict[str, int] = {}  # symbol -> last seq whose segment bytes a commit fdatasynced
+    synced: dict[str, int] = {}  # real path -> its size when fdatasync was called, during the current commit
+    synced_lock = threading.Lock()  # a commit syncs several files at once, on the WAL's fsync threads
+    unsynced: list[str] = []
     violations: list[str] = []
     written: list[int] = []
 
     real_fdatasync = os.fdatasync
 
-    def counting_fdatasync(fd: int) -> None:
-        fsyncs["calls"] += 1
+    def recording_fdatasync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        size = os.fstat(fd).st_size  # what fdatasync will make durable: every byte written before the call
         real_fdatasync(fd)
+        with synced_lock:
+            synced[path] = max(size, synced.get(path, 0))
 
     real_commit = ShardWal.commit
 
     def commit(self: ShardWal) -> int:
+        with synced_lock:
+            synced.clear()  # only a sync made by this commit counts for this commit's records
         result = real_commit(self)
         for symbol in self.symbols():
-            durable[symbol] = self.last_seq(symbol)  # fdatasync has returned for all of these
+            last = self.last_seq(symbol)
+            if last <= durable.get(symbol, 0):
+                continue  # nothing new for this symbol in this commit
+            segment = _newest_segment(self, symbol)
+            path, size = os.path.realpath(segment), segment.stat().st_size
+            with synced_lock:
+                synced_size = synced.get(path, -1)
+            if synced_size >= size:
+                durable[symbol] = last
+            else:
+                unsynced.append(f"{symbol}#{last}: {segment.name} synced {synced_size} of {size} bytes")
         return result
 
     real_write = EmbeddedStore.write
 
-    async def write(self: EmbeddedStore, batch) -> None:  # type: ignore[no-untyped-def]
+    async def write(self: EmbeddedStore, batch: Batch) -> None:
         for t in batch.trades:
             if t.seq > durable.get(t.symbol, 0):
                 violations.append(f"{t.symbol}#{t.seq} written before its fsync (durable {durable.get(t.symbol)})")
         written.append(len(batch.trades))
         await real_write(self, batch)
 
-    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
     monkeypatch.setattr(ShardWal, "commit", commit)
     monkeypatch.setattr(EmbeddedStore, "write", write)
 
@@ -59,10 +89,10 @@ def test_every_store_write_follows_the_fsync_of_its_trades(tmp_path: Path, monke
     total = 3000
     with running_shard(config, tmp_path) as (_, push):
         for i in range(1, total + 1):
-            symbol = ("BTC-USDT", "ETH-USDT", "SOL-USDT")[i % 3]
+            symbol = SYMBOLS[i % 3]
             push.send(encoder.encode(trade(symbol, seq=(i + 2) // 3, output_sequence=i)))
-        wait_until(lambda: sum(written) >= total)
+        assert wait_until(lambda: sum(written) >= total or bool(violations)), f"{sum(written)} of {total} settled"
+    assert violations == [], (violations[:5], unsynced[:5])
     assert sum(written) == total
-    assert violations == []
-    assert fsyncs["calls"] > 0
+    assert set(durable) == set(SYMBOLS)  # every symbol's trades were seen made durable
     assert len(written) > 1  # many batches, each checked
