@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cassandra.cluster import ResponseFuture, Session
 
 from engine.core.config import CassandraConfig, ReplicationConfig
 from engine.core.errors import ConfigError, StoreRejected, StoreUnavailable
@@ -217,10 +219,10 @@ async def _write_until_it_succeeds(store: Store, batch: Batch, deadline_s: float
             failures += 1
             if time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # a retry's backoff, as the shard's; the deadline bounds the wait
 
 
-def test_server_killed_mid_write_then_restarted(own_server: CassandraServer) -> None:
+def test_server_killed_mid_write_then_restarted(own_server: CassandraServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL the server while a write is in flight: the write fails with StoreUnavailable in bounded
     time (no hang), writes while it is down fail the same way, and once it is back the same store object
     (the same driver session) writes again and the data is exactly that of settling once."""
@@ -236,8 +238,17 @@ def test_server_killed_mid_write_then_restarted(own_server: CassandraServer) -> 
             await contract.settle(store, first, settler)
             batch = await settler.prepare(second)  # large: thousands of requests
 
+            # The kill must land while the write has requests out: wait until the driver has sent some.
+            sent = threading.Event()
+            real_execute_async = Session.execute_async
+
+            def execute_async(self: Session, *args: Any, **kwargs: Any) -> ResponseFuture:
+                sent.set()
+                return real_execute_async(self, *args, **kwargs)
+
+            monkeypatch.setattr(Session, "execute_async", execute_async)
             write = asyncio.create_task(store.write(batch))
-            await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(sent.wait, 60), "the write sent no request"
             assert not write.done(), "the write finished before the kill; make the batch bigger"
             await asyncio.to_thread(own_server.kill9)
             started = time.monotonic()

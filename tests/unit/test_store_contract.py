@@ -57,7 +57,7 @@ def test_a_locked_database_is_unavailable_after_the_busy_timeout_and_the_loop_ru
         ticks = 0
         waiting = True
 
-        async def ticker() -> None:
+        async def ticker() -> None:  # its sleep is the probe: a loop blocked by the write cannot tick
             nonlocal ticks
             while waiting:
                 ticks += 1
