@@ -174,7 +174,10 @@ class Router:
     def drain(self) -> None:
         """On stop: stop intake, hand what is queued to the shards (bounded wait), close."""
         self.sub.close(0)
-        deadline = time.monotonic() + self.config.supervisor.drain_timeout_s
+        drain_timeout_s = self.config.supervisor.drain_timeout_s
+        log.info("router: stopping: intake closed, handing %d queued frames to the shards (for up to %.0fs)",
+                 sum(len(queue) for queue in self.queues), drain_timeout_s)
+        deadline = time.monotonic() + drain_timeout_s
         while any(self.queues) and time.monotonic() < deadline:
             self.flush_queues()
             time.sleep(0.01)

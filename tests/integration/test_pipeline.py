@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from engine.core import quarantine
 from engine.verify.testbed import System
+from tests.inprocess import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,9 +87,7 @@ def test_malformed_flood_is_quarantined_while_trades_keep_settling(tmp_path: Pat
         system.start_engine()
         system.start_sim(20_000, rate=0, extra=["--hostile-every", "10"])
         system.wait_settled()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(quarantine.read(tmp_path / "quarantine")) < 2000:
-            time.sleep(0.2)
+        wait_until(lambda: len(quarantine.read(tmp_path / "quarantine")) >= 2000, 30)  # asserted exactly below
     finally:
         system.stop()
     assert_exact(system)
@@ -132,7 +131,6 @@ def test_sigterm_stops_in_order_and_leaves_nothing_pending(tmp_path: Path) -> No
 
 
 def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
-    import os
     import signal as sig
 
     # A drain timeout far longer than the test: only the second SIGTERM can end the supervisor in time.
@@ -144,7 +142,10 @@ def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
         stuck = system.kill("shard-0", sig.SIGSTOP)  # it cannot drain: a first SIGTERM would wait for it
         assert system.engine is not None
         system.engine.send_signal(sig.SIGTERM)
-        time.sleep(1.0)
+        # The first SIGTERM stops the router first, and the router cannot hand the stuck shard its queue:
+        # once it says it is stopping, the supervisor is in its (hour-long) wait for it.
+        router_log = tmp_path / "logs" / "router.log"
+        assert wait_until(lambda: "router: stopping" in router_log.read_text(), 90), "the router was not stopped"
         assert system.engine.poll() is None  # still waiting for the stuck shard
         system.engine.send_signal(sig.SIGTERM)
         assert system.engine.wait(120) == 1
