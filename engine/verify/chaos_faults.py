@@ -38,7 +38,7 @@ from engine.core.quarantine import read as read_quarantine
 from engine.sim import hostile
 from engine.verify.lazyfs import MODES as POWER_MODES
 from engine.verify.lazyfs import LazyFS, cut_power
-from engine.verify.servers import alive, threads_left
+from engine.verify.servers import alive, script_env, threads_left
 
 # -- the schedule -------------------------------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class CassandraNode:
     def start(self, timeout_s: float = 300.0) -> None:
         """Start and wait until CQL answers (fetches the jars on first use)."""
         done = subprocess.run(["bash", str(self.script), "start", str(self.data_dir)], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+                              env=script_env(), capture_output=True, text=True, timeout=timeout_s, check=False)
         if done.returncode != 0:
             raise CassandraError(f"{self.script} start {self.data_dir} exited {done.returncode}:\n"
                                  f"{done.stdout}{done.stderr}")
@@ -267,7 +267,7 @@ class CassandraNode:
         assert self._starting is None, "a start is already in progress"
         argv = ["bash", str(self.script), "start", str(self.data_dir), "--cql-port", str(self.port)]
         with open(log_path, "ab") as log:
-            self._starting = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self._starting = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=script_env())
         self._starting_log = log_path
 
     @property
@@ -293,7 +293,7 @@ class CassandraNode:
     def stop(self) -> None:
         self.wait_started()
         subprocess.run(["bash", str(self.script), "stop", str(self.data_dir)], stdin=subprocess.DEVNULL,
-                       capture_output=True, timeout=180, check=False)
+                       env=script_env(), capture_output=True, timeout=180, check=False)
 
 
 def engine_processes(data_path: Path) -> dict[int, tuple[int, str]]:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -31,6 +32,15 @@ from typing import ClassVar, Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_GRACE_S = 120.0  # the script waits for its server itself; this only bounds a hung script
+
+
+def script_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment an ops script runs in: ours, ``PYTHON`` set to the interpreter settle runs under,
+    then ``env``. The scripts wait for their server with a check that imports cassandra-driver or
+    confluent-kafka, installed where settle is; their own default, ``python3`` from PATH, is another
+    interpreter when settle runs from a virtualenv that is not activated ("cassandra-driver is not
+    installed")."""
+    return {**os.environ, "PYTHON": sys.executable, **(env or {})}
 
 
 class ServerError(RuntimeError):
@@ -52,7 +62,7 @@ class OpsServer:
                  start_timeout_s: float | None = None) -> None:
         self._script = script or REPO_ROOT / "ops" / self.name / f"{self.name}.sh"
         timeout = start_timeout_s if start_timeout_s is not None else self.default_start_timeout_s
-        self._env = {**os.environ, **(env or {})}
+        self._env = script_env(env)
         self._env.setdefault(f"{self.name.upper()}_START_TIMEOUT", str(int(timeout)))
         self._script_timeout_s = timeout + SCRIPT_GRACE_S
         self._data_dir: Path | None = None
@@ -184,7 +194,7 @@ class CassandraCluster:
     def __init__(self, *, script: Path | None = None, env: Mapping[str, str] | None = None,
                  start_timeout_s: float = 300.0) -> None:
         self._script = script or REPO_ROOT / "ops" / "cassandra" / "cluster.sh"
-        self._env = {**os.environ, **(env or {})}
+        self._env = script_env(env)
         self._timeout_s = start_timeout_s + SCRIPT_GRACE_S
         self._dir: Path | None = None
         self.client: dict[str, object] = {}

@@ -49,8 +49,12 @@
 #   CASSANDRA_DURABILITY      process (default) | disk | periodic: see commitlog_yaml below
 #   CASSANDRA_CDS             1 (default) to use/create the AppCDS archive, 0 to disable
 #   CASSANDRA_JVM_OPTS        extra JVM options, appended (word-split)
-#   JAVA / JAVA_HOME, PYTHON  binaries to use (default java from JAVA_HOME or PATH, python3; the
-#                             readiness check needs the cassandra-driver package in that python)
+#   JAVA / JAVA_HOME          java to use (default java from JAVA_HOME or PATH)
+#   PYTHON                    the python of the readiness check, which imports cassandra-driver (default
+#                             python3 from PATH). settle (engine/verify/servers.py: tests, `settle bench`,
+#                             chaos runs) sets it to the interpreter it runs under, where the driver is
+#                             installed even in a virtualenv that is not activated; by hand, set it to that
+#                             virtualenv's python.
 # Files in DATA_DIR: node.conf (node options), conf/ (generated each start), data/ commitlog/ hints/ saved_caches/, logs/system.log,
 # logs/stdout.log (JVM output), cassandra.pid, cql.port, ports ("cql storage jmx").
 # Exit codes: 0 ok, 1 failure (start prints the log tail), 2 usage, 3 status: not running.

@@ -43,7 +43,11 @@
 #   KAFKA_START_TIMEOUT    seconds to wait until the broker answers (default 120)
 #   KAFKA_STOP_TIMEOUT     seconds between SIGTERM and SIGKILL (default 30)
 #   KAFKA_JVM_OPTS         extra JVM options, appended (word-split)
-#   JAVA / JAVA_HOME, PYTHON  binaries to use (the readiness check needs confluent-kafka in that python)
+#   JAVA / JAVA_HOME       java to use (default java from JAVA_HOME or PATH)
+#   PYTHON                 the python of the readiness check, which imports confluent-kafka (default python3
+#                          from PATH). settle (engine/verify/servers.py: tests, `settle bench`) sets it to the
+#                          interpreter it runs under, where confluent-kafka is installed even in a virtualenv
+#                          that is not activated; by hand, set it to that virtualenv's python.
 # Files in DATA_DIR: conf/server.properties, conf/log4j2.properties (generated each start), data/ (the
 # log dirs; meta.properties once formatted), cluster.id, logs/server.log, logs/stdout.log, kafka.pid,
 # kafka.port, ports ("broker controller").

@@ -14,6 +14,8 @@
 #   after_stop DATA_DIR  runs after a clean stop
 #   describe_running DATA_DIR   prints where a running server listens
 # It defines the helpers below and cmd_fetch, cmd_stop, cmd_status, and dispatch "$@".
+# PYTHON: the interpreter of the readiness checks, which import the server's client library; settle
+# passes the one it runs under (engine/verify/servers.py), python3 from PATH otherwise.
 
 MAIN_SCRIPT="${BASH_SOURCE[1]}"  # the script that sourced this file
 SCRIPT_DIR="$(cd "$(dirname "$MAIN_SCRIPT")" && pwd)"
