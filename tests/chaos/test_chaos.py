@@ -242,7 +242,12 @@ def test_power_loss_without_fuse_is_an_error_when_asked_for_and_left_out_by_defa
     assert "power_loss needs a FUSE file system" in err
     assert "missing /dev/fuse" in err
     ran: list[tuple[str, ...]] = []
-    monkeypatch.setattr(chaos.Chaos, "run", lambda self: ran.append(self.kinds) or 0)
+
+    def run(self: chaos.Chaos) -> int:
+        ran.append(self.kinds)
+        return 0
+
+    monkeypatch.setattr(chaos.Chaos, "run", run)
     assert chaos.main(["--seed", "1"]) == 0
     assert ran == [tuple(k for k in chaos_faults.KINDS if k != chaos_faults.POWER_LOSS)]
     assert "power_loss left out, no FUSE file system can be mounted here (missing /dev/fuse)" in (

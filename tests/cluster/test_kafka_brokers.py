@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -39,7 +40,8 @@ def brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
 
 def leaders(bootstrap: str, topic: str) -> Counter[int]:
     """How many of TOPIC's partitions each broker leads, by node id."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, "logger": logging.getLogger("quiet")})
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0, "logger": logging.getLogger("quiet")}
+    admin = AdminClient(conf)
     meta = admin.list_topics(topic, timeout=10).topics[topic]
     assert meta.error is None, meta.error
     return Counter(p.leader for p in meta.partitions.values())

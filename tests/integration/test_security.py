@@ -163,13 +163,15 @@ def test_rogue_clients_get_nothing_in_and_nothing_out(tmp_path: Path, keys: Path
             dealer.send(encoder.encode(ReplayRequest(request_id=1 + i, symbol=symbol, from_seq=1, to_seq=0)))
 
         for reason in ("no_curve", "unknown_key"):
-            wait_for(f"shard-0 counted a rogue pusher ({reason})",
-                     lambda r=reason: rejected(shard0_metrics, "settle_auth_rejected_total", "shard-0", r) >= 1,
-                     system)
+            def shard_counted(r: str = reason) -> bool:
+                return rejected(shard0_metrics, "settle_auth_rejected_total", "shard-0", r) >= 1
+
+            wait_for(f"shard-0 counted a rogue pusher ({reason})", shard_counted, system)
             for sock_name in ("publish", "replay"):
-                wait_for(f"the ME counted a rogue on {sock_name} ({reason})",
-                         lambda s=sock_name, r=reason: rejected(sim_metrics, "settle_sim_auth_rejected_total", s,
-                                                                r) >= 1, system)
+                def sim_counted(s: str = sock_name, r: str = reason) -> bool:
+                    return rejected(sim_metrics, "settle_sim_auth_rejected_total", s, r) >= 1
+
+                wait_for(f"the ME counted a rogue on {sock_name} ({reason})", sim_counted, system)
         settled_at_rejection = system.settled()
         system.wait_settled()  # legitimate trades kept flowing past the refused peers, all of them
         assert system.settled() > settled_at_rejection

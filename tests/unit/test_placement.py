@@ -26,7 +26,8 @@ def _placement_in_subprocess(seed: str) -> list[int]:
     )
     import json
 
-    return json.loads(out.stdout)
+    placements: list[int] = json.loads(out.stdout)
+    return placements
 
 
 def test_placement_is_identical_across_processes_with_different_hash_seeds() -> None:

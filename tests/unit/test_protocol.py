@@ -45,12 +45,12 @@ FIELDS = {
 
 
 @pytest.mark.parametrize("struct", list(FIELDS), ids=lambda s: s.__name__)
-def test_message_fields_are_pinned(struct: type) -> None:
-    assert struct.__struct_fields__ == FIELDS[struct]  # type: ignore[attr-defined]
+def test_message_fields_are_pinned(struct: msgspec.StructMeta) -> None:
+    assert struct.__struct_fields__ == FIELDS[struct]
 
 
 def test_kinds_are_pinned() -> None:
-    kinds = {s.__name__: s.__struct_config__.tag for s in FIELDS}  # type: ignore[attr-defined]
+    kinds = {s.__name__: s.__struct_config__.tag for s in FIELDS}
     assert kinds == {"Trade": "trade", "Heartbeat": "heartbeat", "ReplayRequest": "replay_req",
                      "ReplayChunk": "replay_chunk", "ReplayEnd": "replay_end", "ReplayFailed": "replay_error"}
 

@@ -53,9 +53,10 @@ def make_trade(symbol: str = "BTC-USDT", seq: int = 1, **overrides: object) -> T
 RECORD_BYTES = 244  # of every make_trade() record with a seq below 128 and an 8-letter symbol
 
 
-def open_wal(root: Path, *, segment_bytes_max: int = 1 << 20, fsync: bool = True, **kw: bool) -> ShardWal:
+def open_wal(root: Path, *, segment_bytes_max: int = 1 << 20, fsync: bool = True,
+             repair_corruption: bool = False) -> ShardWal:
     wal = ShardWal(root, segment_bytes_max=segment_bytes_max, fsync=fsync, shard=2)
-    wal.recover(**kw)
+    wal.recover(repair_corruption=repair_corruption)
     return wal
 
 
