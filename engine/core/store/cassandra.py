@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cassandra import (
     AuthenticationFailed,
@@ -53,9 +53,14 @@ from engine.core.store.schema import check_batch, cql_statements, ledger_bucket,
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 RETRY_ATTEMPTS: Final = 6  # per request at most; then StoreUnavailable
 RETRY_TIMEOUTS: Final = 2  # no new attempt after this many request_timeout_s: a call ends within ~3 of them
 RETRY_DELAY_S_FIRST: Final = 0.05
+# The driver answers or times out every request within request_timeout_s; nothing answered for this many of
+# them means a callback was lost (a connection dying mid-request): waiting on would stall the shard for good.
+STALL_TIMEOUTS: Final = 3
 RETRY_DELAY_S_MAX: Final = 2.0
 SCHEMA_TIMEOUT_S_MIN: Final = 30.0
 PAGE_ROWS: Final = 5000
@@ -386,7 +391,21 @@ class CassandraStore:
 
         response = session.execute_async(statement, paging_state=paging_state)
         response.add_callbacks(on_rows, on_error)
-        return await done
+        return await self._answered(done, [time.monotonic()], "a request")
+
+    async def _answered(self, fut: asyncio.Future[T], answered_at: list[float], what: str) -> T:
+        """``fut``'s result, or StoreUnavailable (the caller retries) once the driver has answered nothing for
+        ``STALL_TIMEOUTS`` request timeouts (``answered_at[0]``: when it last answered): waiting on a lost
+        callback would stall the shard for good."""
+        stall_s = STALL_TIMEOUTS * self._config.request_timeout_s
+        while True:
+            await asyncio.wait((fut,), timeout=stall_s)
+            if fut.done():
+                return fut.result()
+            if time.monotonic() - answered_at[0] >= stall_s:
+                fut.cancel()
+                raise StoreUnavailable(f"{self._where}: the driver answered nothing for {stall_s:.1f} s ({what}); "
+                                       "retry later")
 
     async def _rows(self, statement: Statement) -> list[Row]:
         """Every row of a query, page by page (each page retried on its own)."""
@@ -408,7 +427,9 @@ class CassandraStore:
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             if not pending:
                 return
-            failures = await self._fan_out(pending, pages)
+            answered_at = [time.monotonic()]
+            failures = await self._answered(self._fan_out(pending, pages, answered_at), answered_at,
+                                            f"{len(pending)} requests")
             if not failures:
                 return
             for _, error in failures:
@@ -429,13 +450,13 @@ class CassandraStore:
             f"{attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
         ) from error
 
-    def _fan_out(self, statements: list[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None
-                 ) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
+    def _fan_out(self, statements: list[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None,
+                 answered_at: list[float] | None = None) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
         """Send ``statements`` with at most ``requests_in_flight_max`` outstanding, each completion sending
         the next from the driver's own thread (as the driver's ``execute_concurrent`` does), and wake the
         event loop once, when all have answered: per request no future, no task and no loop wake-up, which
         cost more than the request itself (a write runs at about twice the rows/s). Resolves to the
-        statements that failed, with their errors."""
+        statements that failed, with their errors. ``answered_at[0]`` is set at each answer."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[tuple[Statement, BaseException]]] = loop.create_future()
         session = self._session
@@ -456,6 +477,8 @@ class CassandraStore:
 
         def finish(statement: Statement, error: BaseException | None) -> None:
             nonlocal remaining
+            if answered_at is not None:
+                answered_at[0] = time.monotonic()
             with lock:
                 if error is not None:
                     failures.append((statement, error))
