@@ -6,11 +6,11 @@ that the shard's loop holds (measured: store writes 4x slower, p50 latency 4x hi
 Only a large batch (more than ``INLINE_TRADES_MAX`` trades: a shard catching up, or flat out) goes to the
 store's own thread, where writing it overlaps the shard's intake (about 10% more trades/s flat out).
 
-Two waits never block the loop, because the shard's intake runs on it and every trade behind them
-would wait too: the ``COMMIT`` (whose fsync releases the GIL) runs on the store's thread, and the write
-lock that another shard's process holds is polled for, not waited on in SQLite's busy handler (which
-sleeps 1, 2, 5, 10 ms... holding the loop). A write waits at most ``busy_timeout_ms`` for that lock, then
-fails as unavailable and the shard retries it with backoff.
+The write lock that another shard's process holds is polled for, not waited on in SQLite's busy handler
+(which sleeps 1, 2, 5, 10 ms... holding the loop, and the shard's intake on it). A write waits at most
+``busy_timeout_ms`` for that lock, then fails as unavailable and the shard retries it with backoff. Once
+taken, the lock is held only for the transaction itself, never across an ``await``: every other shard
+of the box waits for it, and so would everyone if this process were stopped while holding it.
 
 A batch is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``) in WAL journal mode with
 ``synchronous=FULL``: once :meth:`EmbeddedStore.write` returns, the batch survives a power cut, and the
@@ -148,38 +148,30 @@ class EmbeddedStore:
             conn.executemany(_UPSERT_POSITION, positions)
             conn.executemany(_UPSERT_WATERMARK, watermarks)
 
-        def commit(conn: sqlite3.Connection) -> None:
-            conn.execute("COMMIT")
-
-        await self._begin_immediate()
-        try:
-            await self._run(write, threaded=len(ledger) > INLINE_TRADES_MAX)
-            await self._run(commit, threaded=True)
-        except BaseException:
-            conn = self._conn
-            if conn is not None and conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        await self._transaction(write, threaded=len(ledger) > INLINE_TRADES_MAX)
 
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         marks = list(watermarks.items())
-        await self._begin_immediate()
-        try:
-            await self._run(lambda conn: conn.executemany(_UPSERT_WATERMARK, marks))
-            await self._run(lambda conn: conn.execute("COMMIT"), threaded=True)
-        except BaseException:
-            conn = self._conn
-            if conn is not None and conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        await self._transaction(lambda conn: conn.executemany(_UPSERT_WATERMARK, marks))
 
-    async def _begin_immediate(self) -> None:
-        """Take the write lock, polling while another process holds it, for at most the busy timeout."""
+    async def _transaction(self, body: Callable[[sqlite3.Connection], object], *, threaded: bool = False) -> None:
+        """``BEGIN IMMEDIATE``, ``body``, ``COMMIT`` in one call (on the store's thread when ``threaded``); the
+        write lock is polled for, for at most the busy timeout, while the loop runs on."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                body(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
         deadline = time.monotonic() + self._busy_timeout_s
         pause = 0.0002
         while True:
             try:
-                await self._run(lambda conn: conn.execute("BEGIN IMMEDIATE"))
+                await self._run(run, threaded=threaded)
                 return
             except StoreUnavailable as e:
                 cause = e.__cause__
