@@ -4,13 +4,9 @@ SQLite calls run in the caller's thread, the event loop's: a batch of a few hund
 milliseconds, and handing it to a worker thread cost far more, because binding the rows needs the GIL
 that the shard's loop holds (measured: store writes 4x slower, p50 latency 4x higher at 20k trades/s).
 Only a large batch (more than ``INLINE_TRADES_MAX`` trades: a shard catching up, or flat out) goes to the
-store's own thread, where writing it overlaps the shard's intake (about 10% more trades/s flat out).
-
-The write lock that another shard's process holds is polled for, not waited on in SQLite's busy handler
-(which sleeps 1, 2, 5, 10 ms... holding the loop, and the shard's intake on it). A write waits at most
-``busy_timeout_ms`` for that lock, then fails as unavailable and the shard retries it with backoff. Once
-taken, the lock is held only for the transaction itself, never across an ``await``: every other shard
-of the box waits for it, and so would everyone if this process were stopped while holding it.
+store's own thread, where writing it overlaps the shard's intake (about 10% more trades/s flat out). A
+write waits at most ``busy_timeout_ms`` for another shard's write lock, then fails as unavailable and the
+shard retries it with backoff, so the loop never stalls for long.
 
 A batch is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``) in WAL journal mode with
 ``synchronous=FULL``: once :meth:`EmbeddedStore.write` returns, the batch survives a power cut, and the
@@ -23,9 +19,7 @@ a position is replaced only by a write carrying a larger ``last_seq``, a waterma
 from __future__ import annotations
 
 import asyncio
-import random
 import sqlite3
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +32,6 @@ from engine.core.store.schema import check_batch, ledger_ints, sum_by_asset
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS: Final = 2_000  # another shard holds the write lock for a few ms per batch
-_LOCK_POLL_S_MAX: Final = 0.002  # polls for another shard's write lock back off up to this (with jitter)
 INLINE_TRADES_MAX: Final = 2_000  # larger batches are written on the store's thread
 _KEYS_PER_SELECT: Final = 300  # 3 parameters each; under SQLite's oldest 999-parameter limit
 
@@ -88,9 +81,6 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
         for statement in _SCHEMA:
             conn.execute(statement)
         conn.execute("COMMIT")
-        # From here on a busy lock fails at once: EmbeddedStore polls for it without holding the loop.
-        # Reads never need it in WAL mode.
-        conn.execute("PRAGMA busy_timeout = 0")
     except BaseException:
         conn.close()
         raise
@@ -100,10 +90,9 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
 class EmbeddedStore:
     """The :class:`~engine.core.store.base.Store` on SQLite. Open with :meth:`open`."""
 
-    def __init__(self, path: str, conn: sqlite3.Connection, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+    def __init__(self, path: str, conn: sqlite3.Connection) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = conn
-        self._busy_timeout_s = busy_timeout_ms / 1000
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-sqlite")
 
     @classmethod
@@ -113,7 +102,7 @@ class EmbeddedStore:
             conn = _connect(path, busy_timeout_ms)
         except sqlite3.Error as e:
             raise StoreUnavailable(f"embedded store {path}: cannot open: {e}") from e
-        return cls(path, conn, busy_timeout_ms)
+        return cls(path, conn)
 
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else "open"
@@ -144,42 +133,33 @@ class EmbeddedStore:
         watermarks = list(batch.watermarks.items())
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.executemany(_INSERT_LEDGER, ledger)
-            conn.executemany(_UPSERT_POSITION, positions)
-            conn.executemany(_UPSERT_WATERMARK, watermarks)
-
-        await self._transaction(write, threaded=len(ledger) > INLINE_TRADES_MAX)
-
-    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
-        marks = list(watermarks.items())
-        await self._transaction(lambda conn: conn.executemany(_UPSERT_WATERMARK, marks))
-
-    async def _transaction(self, body: Callable[[sqlite3.Connection], object], *, threaded: bool = False) -> None:
-        """``BEGIN IMMEDIATE``, ``body``, ``COMMIT`` in one call (on the store's thread when ``threaded``); the
-        write lock is polled for, for at most the busy timeout, while the loop runs on."""
-        def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                body(conn)
+                conn.executemany(_INSERT_LEDGER, ledger)
+                conn.executemany(_UPSERT_POSITION, positions)
+                conn.executemany(_UPSERT_WATERMARK, watermarks)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
 
-        deadline = time.monotonic() + self._busy_timeout_s
-        pause = 0.0002
-        while True:
+        await self._run(write, threaded=len(ledger) > INLINE_TRADES_MAX)
+
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        marks = list(watermarks.items())
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                await self._run(run, threaded=threaded)
-                return
-            except StoreUnavailable as e:
-                cause = e.__cause__
-                busy = isinstance(cause, sqlite3.OperationalError) and cause.sqlite_errorcode == sqlite3.SQLITE_BUSY
-                if not busy or time.monotonic() >= deadline:
-                    raise
-            await asyncio.sleep(random.uniform(pause / 2, pause))
-            pause = min(pause * 2, _LOCK_POLL_S_MAX)
+                conn.executemany(_UPSERT_WATERMARK, marks)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        await self._run(write)
 
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         wanted = list(dict.fromkeys(keys))
