@@ -4,9 +4,9 @@ Three stages run on one event loop, each bounded:
 
 1. **intake** drains the PULL socket, drops duplicates, holds trades past a gap, and appends the rest to
    the WAL buffer;
-2. **group commit** writes the buffered records and fdatasyncs each dirty WAL once, as soon as intake
-   has drained what is queued (trades that arrive during one fdatasync make the next batch) or
-   ``batch_trades_max`` trades are buffered; ``fsync_wait_us_max`` can hold a batch open for more;
+2. **group commit** writes the buffered records and fdatasyncs each dirty WAL once, when
+   ``batch_trades_max`` trades are buffered or ``fsync_wait_us_max`` has passed since the first one
+   (0: as soon as intake has drained its queue);
 3. **settle** hands fsynced trades to the store, in batches, and advances the watermarks; WAL segments
    the store already holds are deleted.
 

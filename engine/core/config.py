@@ -51,10 +51,10 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 class WalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     batch_trades_max: PositiveInt = 4096
-    # Group commit fsyncs as soon as intake has drained what is queued (or batch_trades_max): trades that
-    # arrive during one fdatasync form the next batch, so the batch grows with the rate by itself. A wait
-    # here only delays every trade at low rates; it stays for disks whose fdatasync costs far more.
-    fsync_wait_us_max: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # How long a group commit stays open for more trades after its first. 0 fsyncs as soon as intake has
+    # drained its queue; on a disk whose fdatasync slows down with their rate (measured here: 7 ms at 2,000
+    # trades/s against 1.5 ms with the 2 ms window) fewer, larger fsyncs make every trade faster.
+    fsync_wait_us_max: Annotated[int, msgspec.Meta(ge=0)] = 2000
     segment_bytes_max: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
     pending_trades_max: PositiveInt = 500_000  # fsynced but not yet in the store; beyond it intake pauses
     gap_buffer_max: PositiveInt = 100_000  # trades held per symbol behind an open gap
