@@ -87,6 +87,22 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
+def _transaction(body: Callable[[sqlite3.Connection], object]) -> Callable[[sqlite3.Connection], None]:
+    """``body`` inside ``BEGIN IMMEDIATE`` .. ``COMMIT`` (rolled back when it raises)."""
+
+    def run(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            body(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    return run
+
+
 class EmbeddedStore:
     """The :class:`~engine.core.store.base.Store` on SQLite. Open with :meth:`open`."""
 
@@ -133,33 +149,15 @@ class EmbeddedStore:
         watermarks = list(batch.watermarks.items())
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_INSERT_LEDGER, ledger)
-                conn.executemany(_UPSERT_POSITION, positions)
-                conn.executemany(_UPSERT_WATERMARK, watermarks)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            conn.executemany(_INSERT_LEDGER, ledger)
+            conn.executemany(_UPSERT_POSITION, positions)
+            conn.executemany(_UPSERT_WATERMARK, watermarks)
 
-        await self._run(write, threaded=len(ledger) > INLINE_TRADES_MAX)
+        await self._run(_transaction(write), threaded=len(ledger) > INLINE_TRADES_MAX)
 
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         marks = list(watermarks.items())
-
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_UPSERT_WATERMARK, marks)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-
-        await self._run(write)
+        await self._run(_transaction(lambda conn: conn.executemany(_UPSERT_WATERMARK, marks)))
 
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         wanted = list(dict.fromkeys(keys))
