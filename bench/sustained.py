@@ -3,9 +3,11 @@
 A burst figure (``settle bench``'s throughput scenarios) says how fast a backlog drains; an exchange
 needs the rate it can take all day. At each rate the simulator publishes live, with wall-clock stamps,
 for ``minutes``; the shards' lag histograms are read every minute, and the rate **holds** when the p99
-of the last minute is no higher than the second minute's (the first holds start-up) and no backlog
-(published but not settled) grows over the run. The sustained capacity is the highest rate that holds;
-latency targets are taken as fractions of it.
+of the last minute is no higher than the second minute's (the first holds start-up), within
+``P99_SLACK``, and no backlog (published but not settled) grows over the run. The slack is the
+histogram's resolution: a p99 read inside a 25 ms wide bucket moves by a tenth between two minutes of
+the same load (measured: 67, 67, 73, 60, 73 ms over five minutes of 8,000 trades/s). The sustained
+capacity is the highest rate that holds; latency targets are taken as fractions of it.
 
     python -m bench.sustained --rates 4000,6000,8000 --minutes 5 [--store cassandra --cassandra-port P]
 
@@ -25,6 +27,7 @@ from bench.latency import histograms, window
 from bench.settlerun import Bench, CassandraTarget
 
 MINUTE_S = 60.0
+P99_SLACK = 1.10
 
 
 def run_rate(rate: float, *, minutes: int, store: str, cassandra: CassandraTarget | None,
@@ -53,7 +56,7 @@ def run_rate(rate: float, *, minutes: int, store: str, cassandra: CassandraTarge
         verified = bench.verify().ok
     second, last = rows[min(1, len(rows) - 1)], rows[-1]
     backlog_flat = last["backlog"] <= max(second["backlog"], rate * 0.5)  # at most half a second behind
-    holds = last["p99_ms"] <= second["p99_ms"] and backlog_flat and verified
+    holds = last["p99_ms"] <= second["p99_ms"] * P99_SLACK and backlog_flat and verified
     return {"rate": rate, "minutes": minutes, "store": store, "holds": holds, "verified": verified,
             "second_minute_p99_ms": second["p99_ms"], "last_minute_p99_ms": last["p99_ms"],
             "last_backlog": last["backlog"], "per_minute": rows}
