@@ -15,7 +15,8 @@ def draw(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     written = []
-    for name, fn in (("throughput.png", _throughput), ("latency.png", _latency), ("memory.png", _memory)):
+    for name, fn in (("throughput.png", _throughput), ("latency.png", _latency),
+                     ("latency-vs-rate.png", _latency_vs_rate), ("memory.png", _memory)):
         path = out_dir / name
         if fn(results, path):
             written.append(path)
@@ -84,6 +85,39 @@ def _latency(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylabel("share of trades settled within")
     ax.set_title("Latency distribution (settle_lag_seconds, cumulative)")
     ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _latency_vs_rate(results: dict[str, Any], path: Path) -> bool:
+    """p50 and p99 of the lag against the publish rate, per store: the latency runs and, as crosses, the
+    last minute of each sustained run."""
+    import matplotlib.pyplot as plt
+
+    levels = [r for r in results.get("latency", {}).get("runs", []) if r.get("count")]
+    sustained = results.get("sustained", {}).get("runs", [])
+    if not levels and not sustained:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for store in sorted({r["store"] for r in levels} | {r["store"] for r in sustained}):
+        runs = sorted((r for r in levels if r["store"] == store), key=lambda r: r["rate"])
+        for key, style in (("p50_ms", "-"), ("p99_ms", "--")):
+            if runs:
+                ax.plot([r["rate"] for r in runs], [r[key] for r in runs], style, marker="o", markersize=4,
+                        label=f"{store} {key[:3]}")
+        held = [r for r in sustained if r["store"] == store]
+        if held:
+            ax.plot([r["rate"] for r in held], [r["last_minute_p99_ms"] for r in held], "x", markersize=8,
+                    label=f"{store} p99, last minute of {held[0]['minutes']} sustained")
+    ax.axhline(25, color="grey", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("publish rate, trades/s (the ME generating live on the same cores)")
+    ax.set_ylabel("ME execution to store commit, ms (log scale)")
+    ax.set_title("Latency against rate (settle_lag_seconds)")
+    ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -96,5 +96,5 @@ def test_quick_bench_writes_well_formed_json(tmp_path: Path) -> None:
     assert any(n.startswith("throughput vs design note") for n in names)
     assert "router + WAL path vs raw pyzmq" in names
     assert all(t["met"] in (True, False) for t in results["targets"])
-    for chart in ("throughput.png", "latency.png", "memory.png"):
+    for chart in ("throughput.png", "latency.png", "latency-vs-rate.png", "memory.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", chart
