@@ -38,6 +38,7 @@ from engine.core.child import Lifeline, child_args, load_child_config, setup_log
 from engine.core.config import Config
 from engine.core.errors import (
     EXIT_CONFIG,
+    EXIT_FAILURE,
     EXIT_WAL_CORRUPT,
     ConfigError,
     ReplayError,
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettleError as e:
         log.error("shard %d stopped: %s", args.shard, e)
         print(f"settle shard {args.shard}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     finally:
         loop.close()
     return 0

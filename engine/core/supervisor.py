@@ -31,7 +31,7 @@ from typing import Final
 from engine.core import affinity
 from engine.core import metrics as metricsmod
 from engine.core.config import Config, dump
-from engine.core.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_OK, EXIT_WAL_CORRUPT
+from engine.core.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_FAILURE, EXIT_OK, EXIT_WAL_CORRUPT
 
 HALTING_EXIT_CODES: Final = {EXIT_CONFIG: "config error", EXIT_WAL_CORRUPT: "WAL damaged in the middle"}
 TICK_S: Final = 0.2
@@ -150,7 +150,7 @@ class Supervisor:
             for slot in self.slots:
                 if slot.proc and slot.proc.poll() is None:
                     slot.proc.kill()
-            raise Halt(1, "second SIGTERM")
+            raise Halt(EXIT_FAILURE, "second SIGTERM")
         self.stopping = True
 
     handle_sigint = handle_sigterm
@@ -283,7 +283,7 @@ class Supervisor:
         while not all(s.ready for s in slots):
             if time.monotonic() > deadline:
                 waiting = ", ".join(s.name for s in slots if not s.ready)
-                raise Halt(1, f"not ready after {self.config.supervisor.ready_timeout_s:.0f}s: {waiting}")
+                raise Halt(EXIT_FAILURE, f"not ready after {self.config.supervisor.ready_timeout_s:.0f}s: {waiting}")
             self.poll_once()
             self.reap()
             self.respawn_due()

@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 from engine.core import metrics as metricsmod
 from engine.core.child import Lifeline, child_args, setup_logging, stoppable_loop
 from engine.core.config import Config
-from engine.core.errors import EXIT_CONFIG, ConfigError, SettleError
+from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
 from engine.core.messages import Heartbeat, Trade, check_trade, stream_decoder
 from engine.core.quarantine import Quarantine
 from engine.core.settlement import Settler
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettleError as e:
         log.error("shard %d stopped: %s", args.shard, e)
         print(f"settle shard {args.shard}: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     finally:
         loop.close()
     return 0
