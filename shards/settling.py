@@ -10,10 +10,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from engine.core.errors import SettleError
 from engine.core.messages import Trade
+from engine.core.metrics import ShardMetrics
 from engine.core.settlement import Settler
 from engine.core.store import Store
 from engine.core.store.base import Batch
@@ -31,7 +32,7 @@ class SettleStage:
     """Mixed into a shard, which provides ``shard``, ``m`` (its metrics), ``sequencer`` and ``store``."""
 
     shard: int
-    m: Any  # engine.core.metrics.ShardMetrics: store_inflight, store_write, store_batch, settle_lag, settled, stage
+    m: ShardMetrics
     sequencer: Sequencer
     store: Store | None
     settler: Settler | None

@@ -45,6 +45,7 @@ from engine.core.errors import (
     SettleError,
     WalCorruption,
     WalError,
+    WalInUse,
 )
 from engine.core.messages import Heartbeat, Trade, check_trade, stream_decoder
 from engine.core.placement import shard_for
@@ -159,8 +160,8 @@ class Shard(SettleStage):
             try:
                 return ShardWal(cfg.wal_path(self.shard), segment_bytes_max=cfg.wal.segment_bytes_max,
                                 fsync=cfg.wal.fsync, shard=self.shard)
-            except WalError as e:
-                if "in use" not in str(e) or time.monotonic() > deadline:
+            except WalInUse:
+                if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
 

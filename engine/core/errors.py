@@ -7,6 +7,7 @@
     ├── ClosedError              an operation on something settle itself closed ("you closed it")
     ├── WalError                 the write-ahead log
     │   ├── WalCorruption        a bad record in the middle of a segment: stop, name file and offset
+    │   ├── WalInUse             another process holds the WAL directory's lock
     │   └── WalFull              the WAL disk refused a write (ENOSPC); retriable once space returns
     ├── StoreError               the settlement store ("it broke")
     │   ├── StoreUnavailable     the store did not answer; retriable
@@ -42,6 +43,10 @@ class WalCorruption(WalError):
         self.path = path
         self.offset = offset
         self.reason = reason
+
+
+class WalInUse(WalError):
+    """Another process holds the WAL directory's lock; a predecessor still draining releases it soon."""
 
 
 class WalFull(WalError):

@@ -43,7 +43,7 @@ from typing import Final
 
 import msgspec
 
-from engine.core.errors import ClosedError, WalCorruption, WalError, WalFull
+from engine.core.errors import ClosedError, WalCorruption, WalError, WalFull, WalInUse
 from engine.core.messages import SYMBOL_PATTERN, Trade, encoder, trade_decoder
 from engine.core.records import HEADER, HEADER_BYTES, MAGIC_BYTES, PAYLOAD_BYTES_MAX, TYPE_TRADE, Damage, scan
 
@@ -245,7 +245,7 @@ class ShardWal:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise WalError(
+            raise WalInUse(
                 f"WAL directory {self.root} is in use by another process (pid {holder}, per {path}); "
                 "stop that process first, or point this one at its own shard's WAL"
             ) from None
