@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -42,6 +42,7 @@ from engine.core.messages import (
     encoder,
     replay_reply_decoder,
 )
+from engine.core.retry import Backoff
 from shards.state import Sequencer
 
 REQUEST_TRADES_MAX: Final = 10_000
@@ -76,7 +77,7 @@ class _Request:
 
 @dataclass(slots=True)
 class _Backoff:
-    delay_s: float = 0.0
+    waits: Backoff = field(default_factory=lambda: Backoff(BACKOFF_S_MIN, BACKOFF_S_MAX))
     not_before: float = 0.0
 
 
@@ -203,10 +204,10 @@ class GapFiller:
     def _fail(self, symbol: str, reason: str) -> None:
         self._m.replay_rejected.labels(str(self._shard), reason).inc()
         backoff = self._backoff.setdefault(symbol, _Backoff())
-        backoff.delay_s = min(max(BACKOFF_S_MIN, backoff.delay_s * 2), BACKOFF_S_MAX)
-        backoff.not_before = time.monotonic() + backoff.delay_s
+        wait_s = backoff.waits.next_s()
+        backoff.not_before = time.monotonic() + wait_s
         log.warning("shard %s: replay for %s failed (%s); retrying in %.1fs", self._shard, symbol, reason,
-                    backoff.delay_s)
+                    wait_s)
 
     # ---------------------------------------------------------------- replies
 

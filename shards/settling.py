@@ -6,15 +6,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
-from engine.core.errors import SettleError
 from engine.core.messages import Trade
 from engine.core.metrics import ShardMetrics
+from engine.core.retry import Backoff, retry
 from engine.core.settlement import Settler
 from engine.core.store import Store
 from engine.core.store.base import Batch
@@ -38,18 +37,13 @@ class SettleStage:
     settler: Settler | None
 
     async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` until it succeeds; retriable errors back off, others propagate."""
-        backoff = RETRY_BACKOFF_S_MIN
-        while True:
-            try:
-                return await op()
-            except SettleError as e:
-                if not e.retriable:
-                    raise
-                self.m.store_errors.inc()
-                log.warning("shard %d: %s failed, retrying in %.2fs: %s", self.shard, what, backoff, e)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+        """Run ``op`` until it succeeds; retriable errors back off (:mod:`engine.core.retry`), others propagate."""
+
+        def on_retry(error: Exception, wait_s: float) -> None:
+            self.m.store_errors.inc()
+            log.warning("shard %d: %s failed, retrying in %.2fs: %s", self.shard, what, wait_s, error)
+
+        return await retry(op, Backoff(RETRY_BACKOFF_S_MIN, RETRY_BACKOFF_S_MAX), on_retry)
 
     async def _prepare_batch(self, trades: list[Trade]) -> Batch:
         """Fold ``trades`` into a store batch, reading the positions it touches first (retrying)."""

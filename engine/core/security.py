@@ -44,6 +44,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
+from engine.core.retry import Backoff
 
 if TYPE_CHECKING:
     from engine.core.config import Config
@@ -430,7 +431,8 @@ class ClientWatch:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(sock.context.underlying)
         self._lock = threading.Lock()
         self._dead = False  # libzmq stopped reconnecting
-        self._backoff_s = 0.0
+        self._backoff = Backoff(self.BACKOFF_S_MIN, self.BACKOFF_S_MAX)
+        self._wait_s = 0.0  # before the pending reconnect; 0 once a handshake succeeded
         self._next_at = 0.0
         self._limiter = _LogLimiter()
         self.failures: collections.Counter[str] = collections.Counter()
@@ -441,7 +443,8 @@ class ClientWatch:
     def _on_event(self, event: int, value: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             with self._lock:
-                failed_before, self._backoff_s = self._backoff_s > 0 or bool(self.failures), 0.0
+                failed_before, self._wait_s = self._wait_s > 0 or bool(self.failures), 0.0
+                self._backoff.reset()
             if failed_before:
                 log.info("%s: CURVE handshake with %s succeeded", self._name, self._endpoint)
             return
@@ -458,12 +461,12 @@ class ClientWatch:
             self.failures[reason] += 1
             if fatal and not self._dead:
                 self._dead = True
-                self._backoff_s = min(max(self.BACKOFF_S_MIN, self._backoff_s * 2), self.BACKOFF_S_MAX)
-                self._next_at = time.monotonic() + self._backoff_s
+                self._wait_s = self._backoff.next_s()
+                self._next_at = time.monotonic() + self._wait_s
         left_out = self._limiter.admit((reason,))
         if left_out is not None:
             more = f" ({left_out} more like it since the last report)" if left_out else ""
-            retry = f"; reconnecting in {self._backoff_s:.1f}s" if fatal else ""
+            retry = f"; reconnecting in {self._wait_s:.1f}s" if fatal else ""
             log.log(logging.ERROR if fatal else logging.WARNING, "%s: CURVE handshake with %s failed (%s): %s%s%s",
                     self._name, self._endpoint, reason, text, retry, more)
 

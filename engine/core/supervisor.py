@@ -1,7 +1,7 @@
 """The supervisor: starts the shards, waits until each has recovered, then starts the router; keeps them up.
 
 - Each child lives in a *slot* (``shard-0`` .. ``shard-N``, ``router``). A dead or hung child is respawned
-  into the same slot, so a shard finds its own WAL again, with exponential backoff.
+  into the same slot, so a shard finds its own WAL again, with jittered exponential backoff (engine.core.retry).
 - One slot's trouble never stops another: the router keeps routing while a shard restarts.
 - A slot that dies ``crash_loop_restarts`` times within ``crash_loop_window_s`` halts the engine with
   ``EXIT_CRASH_LOOP``; a child that exits with ``EXIT_CONFIG`` (or ``EXIT_WAL_CORRUPT``) halts it at once
@@ -32,9 +32,11 @@ from engine.core import affinity
 from engine.core import metrics as metricsmod
 from engine.core.config import Config, dump
 from engine.core.errors import EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_FAILURE, EXIT_OK, EXIT_WAL_CORRUPT
+from engine.core.retry import Backoff
 
 HALTING_EXIT_CODES: Final = {EXIT_CONFIG: "config error", EXIT_WAL_CORRUPT: "WAL damaged in the middle"}
 TICK_S: Final = 0.2
+RESPAWN_WAIT_S_FIRST: Final = 0.1  # then doubling, jittered, up to supervisor.restart_backoff_s_max
 
 log = logging.getLogger("settle.supervisor")
 
@@ -81,7 +83,7 @@ class Slot:
     started_at: float = 0.0
     restarts: deque[float] = field(default_factory=deque)
     respawn_at: float | None = None
-    backoff_s: float = 0.0
+    backoff: Backoff | None = None  # waits between respawns since the child was last ready
 
 
 class Halt(Exception):
@@ -202,7 +204,7 @@ class Supervisor:
         slot.last_beat = time.monotonic()
         if b"R" in data and not slot.ready:
             slot.ready = True
-            slot.backoff_s = 0.0
+            slot.backoff = None
             self.m.up.labels(slot.name).set(1)
             log.info("%s: ready after %.2fs", slot.name, time.monotonic() - slot.started_at)
             self.write_state()
@@ -245,10 +247,12 @@ class Supervisor:
             raise Halt(EXIT_CRASH_LOOP, f"{slot.name} died {len(slot.restarts)} times within "
                                         f"{cfg.crash_loop_window_s:.0f}s (last: {reason}, code {code}); "
                                         f"see its log and `settle status`")
-        slot.backoff_s = min(max(0.1, slot.backoff_s * 2), cfg.restart_backoff_s_max)
-        slot.respawn_at = now + slot.backoff_s
+        if slot.backoff is None:
+            slot.backoff = Backoff(min(RESPAWN_WAIT_S_FIRST, cfg.restart_backoff_s_max), cfg.restart_backoff_s_max)
+        wait_s = slot.backoff.next_s()
+        slot.respawn_at = now + wait_s
         self.m.restarts.labels(slot.name, reason).inc()
-        log.warning("%s: died (%s, code %s); respawning in %.1fs", slot.name, reason, code, slot.backoff_s)
+        log.warning("%s: died (%s, code %s); respawning in %.1fs", slot.name, reason, code, wait_s)
 
     def respawn_due(self) -> None:
         now = time.monotonic()

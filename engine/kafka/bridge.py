@@ -32,7 +32,8 @@ import logging
 import sys
 import time
 from collections import deque
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
 import msgspec
 import zmq
@@ -49,6 +50,7 @@ from engine.core.config import Config
 from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
 from engine.core.messages import Heartbeat, Trade, encoder, stream_decoder
 from engine.core.quarantine import Quarantine
+from engine.core.retry import Backoff, retry
 from engine.core.store import open_store
 from engine.kafka.config import KafkaConfig, load_child_config
 from router.router import validate
@@ -57,9 +59,12 @@ from shards.state import Sequencer
 
 DRAIN_BATCH: Final = 4096
 BEAT_INTERVAL_S: Final = 1.0
+RETRY_BACKOFF_S_MIN: Final = 0.1
 RETRY_BACKOFF_S_MAX: Final = 2.0
 ADMIN_TIMEOUT_S: Final = 10.0
 SCAN_TIMEOUT_S: Final = 120.0
+
+T = TypeVar("T")
 
 log = logging.getLogger("settle.bridge")
 
@@ -236,22 +241,20 @@ class Bridge:
         finally:
             await store.close()
 
-    async def _retry(self, what: str, op):  # type: ignore[no-untyped-def]
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Retriable errors (store or broker not there yet) back off; a config error propagates."""
-        backoff = 0.1
-        while True:
-            try:
-                return await op()
-            except ConfigError:
-                raise
-            except (SettleError, KafkaException) as e:
-                if isinstance(e, SettleError) and not e.retriable:
-                    raise
-                log.warning("bridge: %s failed, retrying in %.1fs: %s", what, backoff, e)
+
+        def is_retriable(error: Exception) -> bool:
+            if isinstance(error, SettleError):
+                return error.retriable and not isinstance(error, ConfigError)
+            return isinstance(error, KafkaException)
+
+        def on_retry(error: Exception, wait_s: float) -> None:
+            log.warning("bridge: %s failed, retrying in %.1fs: %s", what, wait_s, error)
             if self._stopping.is_set():
-                raise SettleError(f"bridge: stopped while trying to {what}")
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+                raise SettleError(f"bridge: stopped while trying to {what}") from error
+
+        return await retry(op, Backoff(RETRY_BACKOFF_S_MIN, RETRY_BACKOFF_S_MAX), on_retry, is_retriable)
 
     # ---------------------------------------------------------------- run
 

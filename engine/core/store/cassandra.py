@@ -48,6 +48,7 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statem
 
 from engine.core.config import CassandraConfig
 from engine.core.errors import ClosedError, ConfigError, StoreRejected, StoreUnavailable
+from engine.core.retry import Backoff
 from engine.core.store.base import Batch, Position, PositionKey
 from engine.core.store.schema import check_batch, cql_statements, ledger_bucket, ledger_ints, sum_by_asset
 
@@ -71,7 +72,10 @@ LEDGER_ROWS_PER_BATCH: Final = 16
 POSITIONS_PER_BATCH: Final = 32
 LOGGED_TRADES_PER_BATCH: Final = 4  # logged mode: trades (with the positions they finish) per LOGGED batch
 
-# Errors a later attempt may not see: the server is slow, down, restarting or overloaded.
+# Errors a later attempt may not see: the server is slow, down, restarting or overloaded. The driver's own
+# RetryPolicy has already re-sent these at once where it would (to the next node for Unavailable, overload or a
+# broken connection; NoHostAvailable means every node was tried): the retries here only add the jittered wait
+# (engine.core.retry), never another immediate re-send.
 RETRIABLE: Final = (
     OperationTimedOut,  # the driver gave up waiting (request_timeout_s)
     Timeout,  # ReadTimeout, WriteTimeout: replicas did not answer the coordinator in time
@@ -337,7 +341,7 @@ class CassandraStore:
         self, statement: Statement, paging_state: bytes | None = None
     ) -> tuple[list[Row], bytes | None]:
         """One request with bounded retries: its rows and the paging state of the next page, if any."""
-        delay = RETRY_DELAY_S_FIRST
+        backoff = Backoff(RETRY_DELAY_S_FIRST, RETRY_DELAY_S_MAX)
         started = time.monotonic()
         give_up_at = started + RETRY_TIMEOUTS * self._config.request_timeout_s
         for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -352,10 +356,10 @@ class CassandraStore:
                     raise
                 except Exception as e:  # an error the driver did not classify: report it, let the shard retry
                     raise StoreUnavailable(f"{self._where}: request failed: {_describe(e)}") from e
-            if attempt == RETRY_ATTEMPTS or time.monotonic() + delay > give_up_at:
+            wait_s = backoff.next_s()
+            if attempt == RETRY_ATTEMPTS or time.monotonic() + wait_s > give_up_at:
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_DELAY_S_MAX)
+            await asyncio.sleep(wait_s)
         raise StoreUnavailable(
             f"{self._where}: {_describe(error)} "
             f"({attempt} attempts in {time.monotonic() - started:.1f} s); retry later"
@@ -421,7 +425,7 @@ class CassandraStore:
         """Run every statement; the failed ones are sent again with backoff, a bounded number of times. With
         ``pages``, each statement's first page of rows is appended to it with whether more pages follow."""
         pending = list(statements)
-        delay = RETRY_DELAY_S_FIRST
+        backoff = Backoff(RETRY_DELAY_S_FIRST, RETRY_DELAY_S_MAX)
         started = time.monotonic()
         give_up_at = started + RETRY_TIMEOUTS * self._config.request_timeout_s
         for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -440,10 +444,10 @@ class CassandraStore:
                 if not isinstance(error, RETRIABLE):
                     raise StoreUnavailable(f"{self._where}: request failed: {_describe(error)}") from error
             pending = [statement for statement, _ in failures]
-            if attempt == RETRY_ATTEMPTS or time.monotonic() + delay > give_up_at:
+            wait_s = backoff.next_s()
+            if attempt == RETRY_ATTEMPTS or time.monotonic() + wait_s > give_up_at:
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_DELAY_S_MAX)
+            await asyncio.sleep(wait_s)
         error = failures[0][1]
         raise StoreUnavailable(
             f"{self._where}: {_describe(error)} ({len(failures)} of {len(statements)} writes failing after "
