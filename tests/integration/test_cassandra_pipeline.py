@@ -69,8 +69,10 @@ def test_sigkill_a_shard_with_batches_in_flight_between_wal_fsync_and_the_store_
     system = on_cassandra(tmp_path, server)
     try:
         system.start_engine()
-        system.start_sim(30_000, rate=1_500)
-        system.wait_settled(2_000, at_least=True)
+        # Few accounts, and enough settled first, so that every position a batch touches is cached: a batch
+        # needing a read would wait on the stopped store before going out, and no second batch would follow.
+        system.start_sim(30_000, rate=1_500, accounts=10)
+        system.wait_settled(4_000, at_least=True)
         assert server.pid is not None
         os.kill(server.pid, signal.SIGSTOP)  # the store stops answering: trades pile up fsynced in the WAL
         try:
