@@ -8,8 +8,16 @@ from collections.abc import Iterator
 
 import pytest
 
+from engine.verify import netns
 from engine.verify.servers import CassandraCluster, ServerError
-from tests.conftest import server_unavailable
+from tests.conftest import server_unavailable, unavailable
+
+
+def require_netns() -> None:
+    """Fail (CI) or skip (elsewhere) the calling test when network namespaces cannot be made here."""
+    reason = netns.missing()
+    if reason is not None:
+        unavailable(f"multi-host test: {reason}")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Delay and loss between settle and Cassandra: settle runs on a host of its own (a network namespace from
-tests.netns), the Cassandra node (login, TLS) listens on the machine's address on that LAN, and the
+engine.verify.netns), the Cassandra node (login, TLS) listens on the machine's address on that LAN, and the
 settle host's outgoing packets are delayed 50 ms and 1 % of them dropped mid-run: a first batch of trades is
 settled on the clean link, and the second is published only once the link is impaired, so it all goes through
 the impaired path however far behind settle runs on a loaded machine."""
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.verify import netns
 from engine.verify.servers import CassandraCluster, ServerError
-from tests import netns
 from tests.conftest import server_unavailable, unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("cassandra_cluster")]

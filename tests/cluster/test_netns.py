@@ -1,4 +1,4 @@
-"""tests.netns, the LAN of namespaces the multi-host tests run on: hosts reach the machine's addresses,
+"""engine.verify.netns, the LAN of namespaces the multi-host tests run on: hosts reach the machine's addresses,
 each fault does what it says to one host and nothing to the others, and nothing is left behind: not
 after a test that fails inside the LAN, not after a test process that was SIGKILLed."""
 
@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import netns
+from engine.verify import netns
+from tests.cluster.conftest import require_netns
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("hosts")]
 
@@ -31,7 +32,7 @@ print(sorted(times)[4] * 1000)
 @pytest.fixture
 def echo() -> Iterator[tuple[netns.Lan, str, int]]:
     """A LAN and a TCP echo server on the machine's address .2 of it."""
-    netns.require()
+    require_netns()
     with netns.Lan() as lan:
         address = lan.host_address(2)
         server = socket.socket()
@@ -105,7 +106,7 @@ def test_faults_hit_one_host_only(echo: tuple[netns.Lan, str, int]) -> None:
 
 
 def test_a_failing_test_leaves_nothing_behind() -> None:
-    netns.require()
+    require_netns()
     with pytest.raises(RuntimeError, match="the test failed"), netns.Lan() as lan:  # noqa: PT012
         host = lan.add_host("a")
         survivor = host.popen(["sleep", "600"])
@@ -118,9 +119,9 @@ def test_a_failing_test_leaves_nothing_behind() -> None:
 
 
 def test_a_killed_owners_lan_is_removed_by_the_next_one() -> None:
-    netns.require()
+    require_netns()
     owner = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom tests.netns import Lan\nlan = Lan()\nlan.add_host('a')\n"
+        [sys.executable, "-c", "import sys, time\nfrom engine.verify.netns import Lan\nlan = Lan()\nlan.add_host('a')\n"
                                "print(lan.index, flush=True)\ntime.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     assert owner.stdout is not None

@@ -25,7 +25,7 @@ Faults:
 - ``impair(delay_ms, loss)`` delays and drops the host's outgoing packets. This kernel is built without
   ``sch_netem`` (``tc qdisc add ... netem`` answers "Specified qdisc kind is unknown"), so the delay is
   made with netfilter instead: an iptables ``NFQUEUE`` rule hands each outgoing packet to a small
-  process inside the namespace (``python -m tests.netns delay``) that accepts it ``delay_ms`` later, in
+  process inside the namespace (``python -m engine.verify.netns delay``) that accepts it ``delay_ms`` later, in
   order, through raw netlink; loss is the ``statistic`` match with ``DROP``, in the kernel.
 
 Teardown (``close``, the context manager's exit) SIGKILLs every process inside the namespaces, then
@@ -33,8 +33,8 @@ deletes them. A LAN left behind by a test process that was itself SIGKILLed is r
 ``Lan()`` on the machine: the subnet's lock file names the owner's pid, and a dead owner's namespaces
 are deleted before the subnet is reused.
 
-Needs root, ``ip`` (iproute2) and ``iptables``; :func:`require` turns their absence into
-``tests.conftest.unavailable`` (a failure in CI, a skip elsewhere).
+Needs root, ``ip`` (iproute2) and ``iptables``; :func:`missing` says which is missing. Used by the
+multi-host tests (``tests/cluster``) and by ``settle chaos --cluster``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path("/run/settle-netns")  # one lock file per subnet in use: its owner's pid
 SUBNET_PREFIX = "10.213"  # LAN k is 10.213.k.0/24; not routed anywhere on this machine
 SUBNETS = 256
@@ -77,15 +77,6 @@ def missing() -> str | None:
         if shutil.which(tool) is None:
             return f"'{tool}' is not installed (apt-get install iproute2 iptables)"
     return None
-
-
-def require() -> None:
-    """Fail (CI) or skip (elsewhere) the calling test when namespaces cannot be made here."""
-    reason = missing()
-    if reason is not None:
-        from tests.conftest import unavailable
-
-        unavailable(f"multi-host test: {reason}")
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -271,7 +262,7 @@ class Host:
             self._iptables("-A", "SETTLE_IMPAIR", "-m", "statistic", "--mode", "random",
                            "--probability", f"{loss:.6f}", "-j", "DROP")
         if delay_ms > 0:
-            self._delayer = self.popen([sys.executable, "-m", "tests.netns", "delay", "--queue", "0",
+            self._delayer = self.popen([sys.executable, "-m", "engine.verify.netns", "delay", "--queue", "0",
                                         "--delay-ms", str(delay_ms)],
                                        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -492,7 +483,7 @@ def delay_packets(queue: int, delay_s: float) -> None:
 def main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tests.netns")
+    parser = argparse.ArgumentParser(prog="python -m engine.verify.netns")
     sub = parser.add_subparsers(dest="command", required=True)
     delay = sub.add_parser("delay", help="accept the packets of an nfqueue after a fixed delay")
     delay.add_argument("--queue", type=int, default=0)
