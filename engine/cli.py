@@ -10,7 +10,16 @@ from typing import TypeVar
 
 from engine.core import config as configmod
 from engine.core.child import run_async
-from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_USAGE, ConfigError, SettleError, WalError
+from engine.core.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    SettleError,
+    WalError,
+)
 
 T = TypeVar("T")
 
@@ -113,7 +122,7 @@ def cmd_balances(args: argparse.Namespace) -> int:
         print(f"account {args.account} (minor units)")
         for asset in sorted(balances):
             print(f"  {asset:<{width}}  {balances[asset]:>24}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
@@ -125,7 +134,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
         for statement in run_async(migrate(config.store.cassandra)):
             print(statement.strip().splitlines()[0])
-        return 0
+        return EXIT_OK
 
     async def create() -> None:
         store = await open_store(config.store)
@@ -133,7 +142,7 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
 
     run_async(create())
     print(f"embedded store ready at {config.store.path}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -151,7 +160,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         finally:
             await store.close()
         print(report.format())
-        return 0 if report.ok else EXIT_VERIFY_FAILED
+        return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 
     return run_async(go())
 
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settle: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_USAGE
 

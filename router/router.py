@@ -10,9 +10,8 @@ trouble never stops the others.
 
 from __future__ import annotations
 
+import argparse
 import logging
-import signal
-import sys
 import time
 from collections import deque
 from typing import Final
@@ -22,9 +21,8 @@ import zmq
 
 from engine.core import metrics as metricsmod
 from engine.core import security
-from engine.core.child import Lifeline, child_args, load_child_config, setup_logging
+from engine.core.child import Lifeline, child_main
 from engine.core.config import Config
-from engine.core.errors import EXIT_CONFIG, ConfigError
 from engine.core.messages import Heartbeat, StreamMessage, check_trade, stream_decoder
 from engine.core.placement import shard_for
 from engine.core.quarantine import Quarantine
@@ -188,29 +186,16 @@ class Router:
             watch.close()
         self.ctx.term()
 
+    def stop(self) -> None:
+        """Begin the orderly stop (the first SIGTERM): ``run`` leaves its loop and drains."""
+        self.stopping = True
+
 
 def main(argv: list[str] | None = None) -> int:
-    args = child_args("settle router process (started by the supervisor)", argv, shard=False)
-    config = load_child_config(args)
-    setup_logging("router")
-    try:
-        router = Router(config, Lifeline(args.ready_fd))
-    except ConfigError as e:  # a missing or bad key file: halt the supervisor instead of crash-looping
-        print(f"settle router: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    if config.metrics.enabled:
-        metricsmod.serve(router.registry, config.metrics.host, config.metrics.router_port, wait_for_port=True)
-    terms = 0
+    def start(config: Config, args: argparse.Namespace, lifeline: Lifeline) -> Router:
+        router = Router(config, lifeline)  # a missing or bad key file is a ConfigError: the supervisor halts
+        log.info("router: %d shards, ME %s", router.shards, config.me.publish)
+        return router
 
-    def on_term(signum: int, frame: object) -> None:
-        nonlocal terms
-        terms += 1
-        if terms > 1:
-            raise SystemExit(1)
-        router.stopping = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    log.info("router: %d shards, ME %s", router.shards, config.me.publish)
-    router.run()
-    return 0
+    return child_main(argv, "settle router process (started by the supervisor)", "router", start,
+                      lambda config, args: config.metrics.router_port)

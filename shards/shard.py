@@ -16,13 +16,13 @@ keeps accepting up to ``pending_trades_max`` trades, then intake pauses and the 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
 import gc
 import logging
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -34,16 +34,10 @@ import zmq.asyncio
 
 from engine.core import metrics as metricsmod
 from engine.core import security
-from engine.core.child import Lifeline, child_args, load_child_config, setup_logging, stoppable_loop, wait_event
+from engine.core.child import Lifeline, child_main, wait_event
 from engine.core.config import Config
 from engine.core.errors import (
-    EXIT_CONFIG,
-    EXIT_FAILURE,
-    EXIT_WAL_CORRUPT,
-    ConfigError,
     ReplayError,
-    SettleError,
-    WalCorruption,
     WalError,
     WalInUse,
 )
@@ -590,33 +584,9 @@ def tune_gc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = child_args("settle shard process (started by the supervisor)", argv, shard=True)
-    config = load_child_config(args)
-    setup_logging(f"shard-{args.shard}")
-    try:
-        import uvloop
+    def start(config: Config, args: argparse.Namespace, lifeline: Lifeline) -> Shard:
+        tune_gc()
+        return Shard(config, args.shard, lifeline)
 
-        uvloop.install()
-    except ImportError:  # pragma: no cover - uvloop is a dependency; this only guards odd platforms
-        pass
-    tune_gc()
-    shard = Shard(config, args.shard, Lifeline(args.ready_fd))
-    if config.metrics.enabled:
-        metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard,
-                         wait_for_port=True)
-    loop = stoppable_loop(shard.stop)
-    try:
-        loop.run_until_complete(shard.run())
-    except WalCorruption as e:
-        log.error("%s", e)
-        return EXIT_WAL_CORRUPT
-    except ConfigError as e:
-        log.error("shard %d: configuration error: %s", args.shard, e)
-        return EXIT_CONFIG
-    except SettleError as e:
-        log.error("shard %d stopped: %s", args.shard, e)
-        print(f"settle shard {args.shard}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        loop.close()
-    return 0
+    return child_main(argv, "settle shard process (started by the supervisor)", "shard", start,
+                      lambda config, args: config.metrics.shard_port_base + args.shard, shard=True)

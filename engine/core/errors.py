@@ -82,3 +82,4 @@ EXIT_STORE_DOWN = 69  # EX_UNAVAILABLE
 EXIT_CONFIG = 78  # EX_CONFIG: never respawned, halts the supervisor
 EXIT_CRASH_LOOP = 75  # supervisor gave up on a slot that kept dying
 EXIT_VERIFY_FAILED = 3  # demo/check found a lost or doubled trade
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)

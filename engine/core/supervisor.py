@@ -62,7 +62,7 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
         if _LIBC is not None:
             _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
-            os._exit(1)
+            os._exit(EXIT_FAILURE)
 
     return arm
 

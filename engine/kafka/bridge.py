@@ -26,10 +26,10 @@ acknowledged data) and asks the ME itself.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -45,14 +45,14 @@ from prometheus_client import CollectorRegistry
 
 from engine.core import metrics as metricsmod
 from engine.core import security
-from engine.core.child import Lifeline, child_args, setup_logging, stoppable_loop
+from engine.core.child import Lifeline, child_main
 from engine.core.config import Config
-from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
+from engine.core.errors import ConfigError, SettleError
 from engine.core.messages import Heartbeat, Trade, encoder, stream_decoder
 from engine.core.quarantine import Quarantine
 from engine.core.retry import Backoff, retry
 from engine.core.store import open_store
-from engine.kafka.config import KafkaConfig, load_child_config
+from engine.kafka.config import KafkaConfig
 from router.router import validate
 from shards.gaps import GapFiller
 from shards.state import Sequencer
@@ -408,27 +408,13 @@ class Bridge:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = child_args("settle bridge: the ME's ZMQ stream into the Kafka topic", argv, shard=False)
-    config, kafka = load_child_config(args)
-    setup_logging("bridge")
-    bridge = Bridge(config, kafka, Lifeline(args.ready_fd))
-    if config.metrics.enabled:
-        metricsmod.serve(bridge.registry, config.metrics.host, kafka.bridge_metrics_port)
-    loop = stoppable_loop(bridge.stop)
-    log.info("bridge: ME %s -> kafka %s topic %s", config.me.publish, kafka.bootstrap_servers, kafka.topic)
-    try:
-        loop.run_until_complete(bridge.run())
-    except ConfigError as e:
-        print(f"settle bridge: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except SettleError as e:
-        log.error("bridge stopped: %s", e)
-        print(f"settle bridge: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        loop.close()
-    return 0
+    def start(config: Config, args: argparse.Namespace, lifeline: Lifeline) -> Bridge:
+        log.info("bridge: ME %s -> kafka %s topic %s", config.me.publish, config.kafka.bootstrap_servers,
+                 config.kafka.topic)
+        return Bridge(config, config.kafka, lifeline)
 
+    return child_main(argv, "settle bridge: the ME's ZMQ stream into the Kafka topic", "bridge", start,
+                      lambda config, args: config.kafka.bridge_metrics_port)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,7 +12,6 @@ loads it for the Kafka mode's processes and rate-limits librdkafka's own log lin
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import time
@@ -20,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.core import config as configmod
-from engine.core.child import load_child_config as load_config
 from engine.core.config import Config, KafkaConfig
 
-__all__ = ["KafkaConfig", "load", "load_child_config", "split"]
+__all__ = ["KafkaConfig", "load", "split"]
 
 
 class _Repeats(logging.Filter):
@@ -56,10 +54,4 @@ def split(raw: dict[str, Any], source: str = "<config>") -> tuple[Config, KafkaC
 def load(path: str | Path | None, overrides: list[str] | None = None) -> tuple[Config, KafkaConfig]:
     """:func:`engine.core.config.load`, with the Kafka section apart."""
     config = configmod.load(path, overrides)
-    return config, config.kafka
-
-
-def load_child_config(args: argparse.Namespace) -> tuple[Config, KafkaConfig]:
-    """:func:`engine.core.child.load_child_config` for the bridge and the Kafka shards (exit EXIT_CONFIG on error)."""
-    config = load_config(args)
     return config, config.kafka

@@ -29,9 +29,9 @@ committed offset stays below the hole until it is filled.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -44,14 +44,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from prometheus_client import CollectorRegistry
 
 from engine.core import metrics as metricsmod
-from engine.core.child import Lifeline, child_args, setup_logging, stoppable_loop
+from engine.core.child import Lifeline, child_main
 from engine.core.config import Config
-from engine.core.errors import EXIT_CONFIG, EXIT_FAILURE, ConfigError, SettleError
 from engine.core.messages import Heartbeat, Trade, check_trade, stream_decoder
 from engine.core.quarantine import Quarantine
 from engine.core.settlement import Settler
 from engine.core.store import Store, open_store
-from engine.kafka.config import KafkaConfig, load_child_config
+from engine.kafka.config import KafkaConfig
 from shards.gaps import GapFiller
 from shards.settling import SettleStage
 from shards.state import Sequencer
@@ -434,32 +433,11 @@ async def _on_daemon_thread(fn: Callable[[], None], timeout_s: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = child_args("settle Kafka-mode shard process (a consumer-group member)", argv, shard=True)
-    config, kafka = load_child_config(args)
-    setup_logging(f"shard-{args.shard}")
-    try:
-        import uvloop
+    def start(config: Config, args: argparse.Namespace, lifeline: Lifeline) -> KafkaShard:
+        return KafkaShard(config, config.kafka, args.shard, lifeline)
 
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
-    shard = KafkaShard(config, kafka, args.shard, Lifeline(args.ready_fd))
-    if config.metrics.enabled:
-        metricsmod.serve(shard.registry, config.metrics.host, config.metrics.shard_port_base + args.shard)
-    loop = stoppable_loop(shard.stop)
-    try:
-        loop.run_until_complete(shard.run())
-    except ConfigError as e:
-        print(f"settle shard {args.shard}: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except SettleError as e:
-        log.error("shard %d stopped: %s", args.shard, e)
-        print(f"settle shard {args.shard}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        loop.close()
-    return 0
-
+    return child_main(argv, "settle Kafka-mode shard process (a consumer-group member)", "shard", start,
+                      lambda config, args: config.metrics.shard_port_base + args.shard, shard=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

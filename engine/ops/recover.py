@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from engine.core.config import Config
-from engine.core.errors import EXIT_OK, EXIT_WAL_CORRUPT, WalCorruption
+from engine.core.errors import EXIT_OK, EXIT_USAGE, EXIT_WAL_CORRUPT, WalCorruption
 from engine.core.progress import Progress
 
 
@@ -22,7 +22,7 @@ async def recover(config: Config, shard: int, *, from_store: bool = False, repai
     if not 0 <= shard < config.shard_count:
         print(f"settle recover: --shard {shard} is not a slot of this engine (0..{config.shard_count - 1})",
               file=sys.stderr)
-        return 64
+        return EXIT_USAGE
     progress = Progress(f"shard {shard}: scan WAL")
     tune_gc()  # it settles like a shard process, with the same collector settings
     worker = Shard(config, shard)

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from engine.core.config import Config
+from engine.core.errors import EXIT_OK
 from engine.core.placement import shard_for
 from engine.core.store import open_store
 from engine.core.supervisor import state_path
@@ -49,7 +50,7 @@ async def status(config: Config, as_json: bool = False) -> int:
     data = await gather(config)
     if as_json:
         print(json.dumps(data, indent=2))
-        return 0
+        return EXIT_OK
     print(f"store: {data['store']}")
     for shard in data["shards"]:
         state = "ready" if shard["ready"] else ("starting" if shard["pid"] else "not running")
@@ -60,4 +61,4 @@ async def status(config: Config, as_json: bool = False) -> int:
         for r in shard["symbols"]:
             print(f"  {r['symbol']:<16} watermark {r['watermark']:>12}  wal_last {r['wal_last_seq']:>12}  "
                   f"pending {r['pending']:>8}  wal {r['wal_bytes']:>12} B in {r['wal_segments']} segments")
-    return 0
+    return EXIT_OK
