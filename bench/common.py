@@ -13,6 +13,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.ops.table import text_table
+
 # Relative: results go under the directory settle bench runs in (never into the installed source tree);
 # --out names another.
 RESULTS = Path("bench-results")
@@ -165,23 +167,8 @@ def fraction_at_most(bound: float, buckets: dict[float, float]) -> float:
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    for r in rows:
-        lines.append("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.3f}"
-    if isinstance(v, int) and not isinstance(v, bool):
-        return f"{v:,}"
-    return str(v)
+    """``rows`` (dicts) as a text table of ``columns`` (:func:`engine.ops.table.text_table`)."""
+    return "\n".join(text_table(columns, ([r.get(c) for c in columns] for r in rows)))
 
 
 def _default(o: Any) -> Any:

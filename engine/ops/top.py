@@ -22,7 +22,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final, TextIO
@@ -32,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.core.config import Config
 from engine.core.errors import EXIT_FAILURE, EXIT_OK
 from engine.core.metrics import STAGES
+from engine.ops.table import text_table
 
 WINDOW_S: Final = 10.0
 SCRAPE_TIMEOUT_S: Final = 0.8
@@ -190,13 +190,6 @@ def _num(v: float | None, unit: str = "") -> str:
     return f"{v:,.0f}"
 
 
-def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
-    rows = [header, *rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in rows]
-
-
 def frame(old: Scrape, new: Scrape, shards: int, where: str) -> str:
     """One screen from two scrapes ``old`` (the start of the window) and ``new``."""
     seconds = new.at - old.at
@@ -238,7 +231,7 @@ def frame(old: Scrape, new: Scrape, shards: int, where: str) -> str:
             _num(cpu, "%"),
             _num(total(s, "process_resident_memory_bytes"), "B"),
         ])
-    lines += _table(["shard", "state", "settled/s", "behind ME", "gaps", "WAL", "fsync p99", "store p99",
+    lines += text_table(["shard", "state", "settled/s", "behind ME", "gaps", "WAL", "fsync p99", "store p99",
                      "quarantined", "routed/s", "queue", "restarts", "cpu", "rss"], rows)
     lines += ["", "time per trade: settle lag, and its mean in each stage (the stages add up to the lag mean)"]
     stage_rows = []
@@ -251,7 +244,7 @@ def frame(old: Scrape, new: Scrape, shards: int, where: str) -> str:
             _num(mean(so, s, "settle_lag_seconds"), "s"),
             *(_num(mean(so, s, "settle_stage_seconds", stage=stage), "s") for stage in STAGES),
         ])
-    lines += _table(["shard", "lag p50", "lag p99", "lag mean", *STAGES], stage_rows)
+    lines += text_table(["shard", "lag p50", "lag p99", "lag mean", *STAGES], stage_rows)
     lines.append("")
     if router is None:
         lines.append("router      DOWN")
