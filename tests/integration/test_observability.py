@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 import pytest
 
 from engine.core.metrics import STAGES
-from engine.ops.top import top
+from engine.ops.top import Samples, Scrape, frame, top
 from engine.verify.demo import free_port
 from engine.verify.testbed import System
 from tests import conftest
@@ -364,6 +364,63 @@ def test_settle_top_shows_every_shard_settling(observed: Observed) -> None:
             assert all(re.fullmatch(r"[\d.]+m?s", cell) for cell in row[1:]), text
     assert re.search(r"^router\s+received [\d,]+/s", text, re.M), text
     assert re.search(r"^supervisor\s+children up 3/3", text, re.M), text
+
+
+def _parse_duration(text: str) -> float:
+    """Seconds from `settle top`'s "3.21ms" or "1.25s"."""
+    match = re.fullmatch(r"([\d.]+)(ms|s)", text)
+    assert match is not None, text
+    return float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+
+
+def test_settle_top_lag_p99_agrees_with_prometheus_histogram_quantile(observed: Observed) -> None:
+    """`settle top`'s lag p99 column, computed from two scrapes of each shard that Prometheus also holds,
+    against Prometheus's own histogram_quantile over the difference of the same two scrapes: the same
+    bucket, and the same value to the precision top prints (both interpolate linearly within the bucket).
+    (That top's own scrapes reach the shards is test_settle_top_shows_every_shard_settling's part.)"""
+    at = time.time() - 1  # every scrape up to here is in the TSDB
+    old: dict[str, Samples | None] = {}
+    new: dict[str, Samples | None] = {}
+    window: dict[str, tuple[float, float]] = {}
+    bounds: list[float] = []
+    for shard in range(SHARDS):
+        series = observed.api("/api/v1/query?" + urllib.parse.urlencode(
+            {"query": f'settle_lag_seconds_bucket{{shard="{shard}"}}[15s]', "time": f"{at:.3f}"}))["result"]
+        assert series, f"Prometheus holds no settle_lag_seconds buckets of shard {shard}"
+        # Buckets of one scrape share its timestamp: take the first and the last scrape every bucket has.
+        common = set.intersection(*({float(t) for t, _ in s["values"]} for s in series))
+        assert len(common) >= 2, series
+        first, last = min(common), max(common)
+        window[str(shard)] = (first, last)
+
+        def at_scrape(when: float, series: list[dict[str, Any]] = series, shard: int = shard) -> Samples:
+            return {"settle_lag_seconds_bucket": [
+                ((("le", s["metric"]["le"]), ("shard", str(shard))),
+                 next(float(v) for t, v in s["values"] if float(t) == when)) for s in series]}
+
+        old[f"shard-{shard}"], new[f"shard-{shard}"] = at_scrape(first), at_scrape(last)
+        bounds = sorted(float(s["metric"]["le"]) for s in series)
+    screen = frame(Scrape(0.0, old), Scrape(1.0, new), SHARDS, "Prometheus's scrapes")
+    stages_part = screen.partition("time per trade:")[2]
+    header = next(line.split() for line in stages_part.splitlines() if line.startswith("shard "))
+    assert header[:7] == ["shard", "lag", "p50", "lag", "p99", "lag", "mean"], screen
+    rows = {line.split()[0]: line.split() for line in stages_part.splitlines() if re.match(r"^\d+\s", line)}
+    assert sorted(rows) == [str(i) for i in range(SHARDS)], screen
+    for slot, (first, last) in window.items():
+        delta = (f'settle_lag_seconds_bucket{{shard="{slot}"}} @ {last:.3f}'
+                 f' - settle_lag_seconds_bucket{{shard="{slot}"}} @ {first:.3f}')
+        result = observed.query(f"histogram_quantile(0.99, {delta})")
+        assert len(result) == 1, result
+        expected = float(result[0]["value"][1])
+        assert math.isfinite(expected), (slot, result)  # trades settled between the two scrapes
+        shown = rows[slot][2]
+        seen = _parse_duration(shown)
+        precision = 0.5 * 10 ** -(len(shown.rstrip("ms").partition(".")[2]))
+        precision /= 1000 if shown.endswith("ms") else 1
+        assert abs(seen - expected) <= precision + 1e-12, (slot, shown, expected, screen)
+        upper = next(b for b in bounds if b >= expected)
+        lower = max((b for b in bounds if b < upper), default=0.0)
+        assert lower - precision <= seen <= upper + precision, (slot, shown, lower, upper)
 
 
 def firing(observed: Observed, alert: str) -> list[dict[str, str]]:
