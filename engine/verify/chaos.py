@@ -19,6 +19,10 @@ one for one by length and content: the schedule never kills a receiver right aft
 and before any kill the runner waits until the quarantine holds what was sent. No process may die but
 those it killed, and none may outlive its supervisor (an orphan). Exit code 0 only when all of that holds;
 otherwise the seed, the failures and the timeline are printed.
+
+``settle chaos --cluster`` is the same for the Kafka mode on several hosts, with the faults of a cluster
+(a Cassandra node, the partition leaders' broker, a settle host cut off from the brokers):
+:mod:`engine.verify.chaos_cluster`.
 """
 
 from __future__ import annotations
@@ -643,6 +647,11 @@ def signal_pid(pid: int, sig: int) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="settle chaos", description="Run the whole system under random faults "
                                 "from a seed, then prove every trade settled exactly once.")  # fmt: skip
+    p.add_argument("--cluster", action="store_true", help="the Kafka mode on several hosts instead: two settle "
+                   "hosts (network namespaces) in one consumer group, 3 Kafka brokers, a 3-node Cassandra with "
+                   f"logins and TLS (RF 3, LOCAL_QUORUM), all started here; fault kinds {','.join(cf.CLUSTER_KINDS)}."
+                   " Needs root, ip, iptables, Java and ~4 GiB of memory; --shards, --store and --cassandra-dir "
+                   "are not for it")
     p.add_argument("--seed", type=int, default=None, help="fault schedule and trades (default: random, printed)")
     p.add_argument("--minutes", type=float, default=3.0, help="soak length: the ME publishes this long (default 3)")
     p.add_argument("--trades", type=int, default=100_000, help="trades at least; the rate rises to fit")
@@ -654,7 +663,8 @@ def parser() -> argparse.ArgumentParser:
                    "there is used and left running (default: DATA_DIR/cassandra, started and stopped)")
     p.add_argument("--faults", type=int, default=0, help="faults to inject (default: one per 6 s of soak)")
     p.add_argument("--kinds", help=f"only these fault kinds, comma-separated: {','.join(cf.KINDS)} (power_loss "
-                   "needs root and FUSE; without them it is left out of the default, and asking for it is an error)")
+                   "needs root and FUSE; without them it is left out of the default, and asking for it is an error); "
+                   f"with --cluster: {','.join(cf.CLUSTER_KINDS)}")
     p.add_argument("--symbols", type=int, default=8)
     p.add_argument("--accounts", type=int, default=1000)
     p.add_argument("--wal-disk-mb", type=int, default=16, help="each shard's WAL tmpfs, for disk_full (default 16); "
@@ -668,6 +678,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.cluster:
+        return _main_cluster(args)
     unknown = sorted(set(args.kinds.split(",")) - set(cf.KINDS)) if args.kinds else []
     if unknown or args.minutes <= 0 or args.shards < 1:
         print(f"settle chaos: unknown fault kinds {unknown}; expected some of {', '.join(cf.KINDS)}" if unknown
@@ -684,13 +696,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settle chaos: power_loss left out, no FUSE file system can be mounted here ({missing}); "
               f"running --kinds {args.kinds}", flush=True)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
+    return _unwinding_on_sigterm(Chaos(args, seed).run)
+
+
+def _main_cluster(args: argparse.Namespace) -> int:
+    from engine.verify import chaos_cluster
+
+    if (problem := chaos_cluster.usage_error(args)) or args.minutes <= 0:
+        print(f"settle chaos: {problem or '--minutes must be positive'}", file=sys.stderr)
+        return EXIT_USAGE
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**9)
+    return _unwinding_on_sigterm(chaos_cluster.ClusterChaos(args, seed).run)
+
+
+def _unwinding_on_sigterm(run: Callable[[], int]) -> int:
+    """SIGTERM unwinds the run: every process and server stopped, every mount and namespace gone, then exit."""
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    previous = signal.signal(signal.SIGTERM, on_term)  # unwind: stop every process, unmount, then exit
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        return Chaos(args, seed).run()
+        return run()
     except KeyboardInterrupt:
         return 130
     finally:

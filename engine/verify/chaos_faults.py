@@ -1,7 +1,8 @@
 """The faults of ``settle chaos``: the schedule drawn from a seed, and the tools that inject each fault.
 
 - :func:`plan` draws the whole fault schedule up front from the seed: the same seed and settings give
-  the same list of :class:`Fault` (time offset, kind, target, duration, parameter), whatever happens.
+  the same list of :class:`Fault` (time offset, kind, target, duration, parameter), whatever happens;
+  ``KINDS`` are those of the one-host run, ``CLUSTER_KINDS`` those of ``settle chaos --cluster``.
 - :class:`CassandraNode` starts, SIGKILLs and restarts a Cassandra through ``ops/cassandra/cassandra.sh``
   (what an operator has in a checkout; ``engine/`` never imports ``tests/``).
 - :class:`WalDisk` mounts a small tmpfs under a shard's WAL directory and fills it on demand.
@@ -54,8 +55,17 @@ HOSTILE_FLOOD: Final = "hostile_flood"
 GARBAGE: Final = "garbage"
 KINDS: Final = (SHARD_KILL, ROUTER_KILL, SUPERVISOR_KILL, POWER_LOSS, CASSANDRA_KILL, TORN_WRITE, DISK_FULL,
                 ME_DROP, HOSTILE_FLOOD, GARBAGE)  # fmt: skip
+# The kinds of ``settle chaos --cluster`` (engine.verify.chaos_cluster): the Kafka mode on two hosts, three
+# brokers and a 3-node Cassandra.
+CASSANDRA_NODE_KILL: Final = "cassandra_node_kill"  # one node of the cluster SIGKILLed, restarted later
+BROKER_KILL: Final = "broker_kill"  # the broker leading most of the topic's partitions SIGKILLed, restarted
+HOST_PARTITION: Final = "host_partition"  # one settle host cut off from every broker, then reconnected
+CLUSTER_KINDS: Final = (CASSANDRA_NODE_KILL, BROKER_KILL, HOST_PARTITION)
+CLUSTER_HOSTS: Final = ("a", "b")
+CASSANDRA_NODES: Final = 3
 WEIGHTS: Final = {SHARD_KILL: 3, ROUTER_KILL: 2, SUPERVISOR_KILL: 1, POWER_LOSS: 1, CASSANDRA_KILL: 1,
-                  TORN_WRITE: 2, DISK_FULL: 2, ME_DROP: 2, HOSTILE_FLOOD: 1, GARBAGE: 2}  # fmt: skip
+                  TORN_WRITE: 2, DISK_FULL: 2, ME_DROP: 2, HOSTILE_FLOOD: 1, GARBAGE: 2,
+                  CASSANDRA_NODE_KILL: 1, BROKER_KILL: 1, HOST_PARTITION: 1}  # fmt: skip
 ENGINE_KINDS: Final = frozenset({SHARD_KILL, ROUTER_KILL, SUPERVISOR_KILL, POWER_LOSS, TORN_WRITE})
 WHOLE_ENGINE_KINDS: Final = frozenset({SUPERVISOR_KILL, POWER_LOSS})  # every slot goes down
 FAULT_INTERVAL_S: Final = 6.0  # default density: one fault per this many seconds of the window
@@ -65,6 +75,14 @@ SLOT_KILL_GAP_S: Final = 5.0  # between two kills of one slot
 SLOT_KILLS_PER_MINUTE_MAX: Final = 4  # the supervisor halts a slot that dies 8 times a minute: stay far below
 SUPERVISOR_GAP_S: Final = 25.0  # between two takedowns of the whole engine (supervisor kill, power loss)
 CASSANDRA_RESTART_S: Final = 15.0  # a restart takes 3-10 s; keep outages apart
+# One cluster node, one broker, one host down at a time: RF 3 with LOCAL_QUORUM (and min.insync.replicas 2)
+# keeps working with one replica gone, not two. On the 2-core box with all of the cluster on it, a
+# Cassandra node's restart took 33-44 s (it rejoins the ring and replays its commit log) and a broker's
+# 33-37 s (it catches up with the quorum before it answers); a host rejoins its group within seconds.
+# A start due while its resource is still restarting waits (engine.verify.chaos_cluster).
+CLUSTER_NODE_RESTART_S: Final = 45.0
+BROKER_RESTART_S: Final = 35.0
+HOST_REJOIN_S: Final = 10.0
 ME_GAP_S: Final = 3.0
 SETTLE_AFTER_S: Final = 5.0  # a burst of hostile frames is read and quarantined well within this
 
@@ -73,7 +91,8 @@ SETTLE_AFTER_S: Final = 5.0  # a burst of hostile frames is read and quarantined
 class Fault:
     at_s: float  # offset from the start of the soak
     kind: str
-    target: str  # "shard-N", "router", "supervisor", "engine" (power loss), "cassandra", "me"
+    target: str  # "shard-N", "router", "supervisor", "engine" (power loss), "cassandra", "me";
+    # --cluster: "node-K" (Cassandra node K), "leaders" (resolved when it strikes), "host-a" / "host-b"
     duration_s: float = 0.0  # episodes (cassandra down, disk full, ME mode): how long until healed
     param: int = 0  # kind-specific: drop ppm, hostile every N trades, a seed for the cut, burst or power loss
 
@@ -82,7 +101,7 @@ class Fault:
         return self.at_s + self.duration_s
 
     def describe(self) -> str:
-        text = f"{self.kind:<15} {self.target:<10}"
+        text = f"{self.kind:<19} {self.target:<10}"
         if self.kind == ME_DROP:
             text += f" drop {self.param / 10_000:.2f}% for {self.duration_s:.1f}s"
         elif self.kind == HOSTILE_FLOOD:
@@ -145,6 +164,12 @@ def _draw(rng: random.Random, kind: str, start_s: float, end_s: float, shards: i
         return Fault(at, kind, "me", round(rng.uniform(3.0, 8.0), 1), param=rng.choice((10, 20, 50, 100)))
     if kind == GARBAGE:
         return Fault(at, kind, shard, param=rng.getrandbits(32))
+    if kind == CASSANDRA_NODE_KILL:
+        return Fault(at, kind, f"node-{rng.randint(1, CASSANDRA_NODES)}", round(rng.uniform(2.0, 8.0), 1))
+    if kind == BROKER_KILL:
+        return Fault(at, kind, "leaders", round(rng.uniform(2.0, 8.0), 1))
+    if kind == HOST_PARTITION:  # longer than the group's session timeout (3 s): the partitions move
+        return Fault(at, kind, f"host-{rng.choice(CLUSTER_HOSTS)}", round(rng.uniform(6.0, 15.0), 1))
     raise ValueError(f"unknown fault kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
@@ -152,6 +177,12 @@ def _busy(f: Fault) -> tuple[float, float]:
     """The interval a fault occupies its resource, restart time included."""
     if f.kind == CASSANDRA_KILL:
         return f.at_s, f.end_s + CASSANDRA_RESTART_S
+    if f.kind == CASSANDRA_NODE_KILL:
+        return f.at_s, f.end_s + CLUSTER_NODE_RESTART_S
+    if f.kind == BROKER_KILL:
+        return f.at_s, f.end_s + BROKER_RESTART_S
+    if f.kind == HOST_PARTITION:
+        return f.at_s, f.end_s + HOST_REJOIN_S
     if f.kind in (ME_DROP, HOSTILE_FLOOD):
         return f.at_s - ME_GAP_S, f.end_s + ME_GAP_S
     return f.at_s, f.end_s
@@ -172,7 +203,7 @@ def _conflict(f: Fault, other: Fault) -> bool:
     """Pairs the schedule keeps apart: one resource's episodes, kills too close for the crash-loop guard,
     and kills that would lose hostile frames before their receiver read them (so that every hostile frame
     can be required in quarantine)."""
-    if f.kind == other.kind and f.kind in (CASSANDRA_KILL, ME_DROP, HOSTILE_FLOOD, DISK_FULL):
+    if f.kind == other.kind and f.kind in (CASSANDRA_KILL, ME_DROP, HOSTILE_FLOOD, DISK_FULL, *CLUSTER_KINDS):
         same_resource = f.kind != DISK_FULL or f.target == other.target
         if same_resource and _overlap(_busy(f), _busy(other)):
             return True

@@ -169,27 +169,30 @@ class KafkaSystem(StoreObserver):
                 raise AssertionError(f"{child.name} exited with {code}; see {self.root}/logs\n{self.logs()}")
         check_simulator(self.sim, self.root / "logs" / "simulator.log")
 
-    def metrics(self, name: str) -> str:
-        """The ``/metrics`` text of the bridge or a shard."""
+    def metrics(self, name: str, host: str | None = None) -> str:
+        """The ``/metrics`` text of the bridge or a shard; HOST: the address it serves them on, when it runs
+        with another config than the system's (on another host)."""
         import urllib.request
 
         if name == "bridge":
             port = self.kafka.bridge_metrics_port
         else:
             port = self.config.metrics.shard_port_base + int(name.split("-")[1])
-        with urllib.request.urlopen(f"http://{self.config.metrics.host}:{port}/metrics", timeout=5) as response:
+        address = host or self.config.metrics.host
+        with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5) as response:
             text: str = response.read().decode()
         return text
 
-    def wait_assigned(self, timeout_s: float = 60.0) -> None:
-        """Until the running shards own every partition between them (the group is stable)."""
+    def wait_assigned(self, timeout_s: float = 60.0, hosts: dict[str, str] | None = None) -> None:
+        """Until the running shards own every partition between them (the group is stable). HOSTS: shard
+        name -> the address it serves its metrics on, for shards on other hosts."""
         deadline = time.monotonic() + timeout_s
         owned = 0.0
         while time.monotonic() < deadline:
             owned = 0.0
             for name in self.children:
                 if name.startswith("shard-"):
-                    for line in self.metrics(name).splitlines():
+                    for line in self.metrics(name, (hosts or {}).get(name)).splitlines():
                         if line.startswith("settle_kafka_assigned_partitions{"):
                             owned += float(line.rsplit(" ", 1)[1])
             if owned == self.kafka.partitions:

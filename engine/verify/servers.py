@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,10 +26,11 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_GRACE_S = 120.0  # the script waits for its server itself; this only bounds a hung script
@@ -147,6 +149,10 @@ class OpsServer:
         else:
             self.stop()
         return self.start(self.data_dir, port=port, extra=self._restart_args())
+
+    def start_again(self) -> Self:
+        """Start it after a :meth:`kill9` (or a stop), on the same data dir and ports."""
+        return self.start(self.data_dir, port=self.port, extra=self._restart_args())
 
     def _restart_args(self) -> tuple[str, ...]:
         return ()
@@ -362,6 +368,19 @@ class KafkaCluster:
         for node in self.nodes:
             if node._data_dir is not None:
                 node.stop()
+
+    def partition_leaders(self, topic: str, timeout_s: float = 10.0) -> Counter[int]:
+        """How many of TOPIC's partitions each broker leads, by node id, asked of the running brokers."""
+        from confluent_kafka.admin import AdminClient
+
+        bootstrap = ",".join(node.bootstrap for node in self.nodes if node.is_running())
+        quiet = logging.getLogger("settle.verify.kafka-admin")
+        conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0, "logger": quiet}
+        admin = AdminClient(conf)
+        meta = admin.list_topics(topic, timeout=timeout_s).topics[topic]
+        if meta.error is not None:
+            raise ServerError(f"Kafka topic {topic}: {meta.error}")
+        return Counter(p.leader for p in meta.partitions.values())
 
     def rss_bytes(self) -> int:
         """Resident memory of the running nodes' JVMs, together."""

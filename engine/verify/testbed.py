@@ -322,7 +322,7 @@ class ProgressWatch:
     ``settled`` is the latest sum of watermarks; ``error`` the last failure, None after a good read.
     """
 
-    def __init__(self, system: System, interval_s: float = 2.0) -> None:
+    def __init__(self, system: StoreObserver, interval_s: float = 2.0) -> None:
         self._system = system
         self._interval_s = interval_s
         self._stop = threading.Event()

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.core.errors import EXIT_USAGE
 from engine.core.messages import Trade
 from engine.core.store.embedded import EmbeddedStore
 from engine.sim.melog import read_all
-from engine.verify import chaos, chaos_faults, lazyfs
+from engine.verify import chaos, chaos_cluster, chaos_faults, lazyfs
 from engine.verify.checker import CheckReport, check
 from engine.verify.testbed import System
 from tests.servers.cassandra import CassandraServer
@@ -253,6 +254,33 @@ def test_power_loss_without_fuse_is_an_error_when_asked_for_and_left_out_by_defa
     assert ran == [tuple(k for k in chaos_faults.KINDS if k != chaos_faults.POWER_LOSS)]
     assert "power_loss left out, no FUSE file system can be mounted here (missing /dev/fuse)" in (
         capsys.readouterr().out)
+
+
+def test_the_cluster_schedule_has_every_cluster_kind_and_one_of_each_down_at_a_time() -> None:
+    faults = chaos_faults.plan(CHAOS_SEED, start_s=5, end_s=1195, shards=2, kinds=chaos_faults.CLUSTER_KINDS)
+    assert {f.kind for f in faults} == set(chaos_faults.CLUSTER_KINDS)
+    for kind in chaos_faults.CLUSTER_KINDS:  # RF 3 and min.insync.replicas 2 survive one replica down, not two
+        episodes = sorted(chaos_faults._busy(f) for f in faults if f.kind == kind)
+        assert len(episodes) >= 5, kind
+        assert all(a[1] < b[0] for a, b in zip(episodes, episodes[1:], strict=False)), kind
+    assert {f.target for f in faults if f.kind == chaos_faults.HOST_PARTITION} == {"host-a", "host-b"}
+    assert {f.target for f in faults if f.kind == chaos_faults.CASSANDRA_NODE_KILL} == {"node-1", "node-2", "node-3"}
+
+
+def test_the_cluster_mode_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.verify import netns
+
+    assert chaos.main(["--cluster", "--kinds", "shard_kill"]) == EXIT_USAGE
+    assert "--cluster runs the fault kinds cassandra_node_kill, broker_kill, host_partition; not shard_kill" in (
+        capsys.readouterr().err)
+    assert chaos.main(["--cluster", "--shards", "3"]) == EXIT_USAGE
+    assert "--shards, --store and --cassandra-dir are not for it" in capsys.readouterr().err
+    monkeypatch.setattr(netns, "missing", lambda: "network namespaces need root")
+    assert chaos.main(["--cluster", "--seed", "1"]) == chaos_cluster.EXIT_NO_CLUSTER == 4
+    err = capsys.readouterr().err
+    assert "settle chaos --cluster: cannot run here: the settle hosts are network namespaces and network " \
+           "namespaces need root" in err
 
 
 def test_orphans_of_a_run_are_found_by_their_config(tmp_path: Path) -> None:
