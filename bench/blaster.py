@@ -42,7 +42,7 @@ class Blaster(Simulator):
         self._frame_seqs = seqs
         self._sent = 0
         self._announced = 0  # frames folded into _published_latest
-        self._published_latest = {symbol: 0 for symbol in self._symbols}
+        self._published_latest = dict.fromkeys(self._symbols, 0)
         first_seq: dict[str, int] = {}
         for symbol, seq in zip(symbols, seqs, strict=True):
             first_seq.setdefault(symbol, seq)

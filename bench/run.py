@@ -446,13 +446,10 @@ class Run:
             print("\nerrors:", json.dumps(self.results["errors"], indent=2))
 
     def summary_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for section in ("baseline", "throughput", "demo"):
-            for x in self.results.get(section, {}).get("runs", []):
-                rows.append({"scenario": x["run"], "store": x["store"], "shards": x["shards"],
-                             "trades_per_s": x["trades_per_s"], "cpu_us_per_trade": x["cpu_us_per_trade"],
-                             "verified": x["verified"]})
-        return rows
+        return [{"scenario": x["run"], "store": x["store"], "shards": x["shards"], "trades_per_s": x["trades_per_s"],
+                 "cpu_us_per_trade": x["cpu_us_per_trade"], "verified": x["verified"]}
+                for section in ("baseline", "throughput", "demo")
+                for x in self.results.get(section, {}).get("runs", [])]
 
     def charts(self) -> None:
         try:

@@ -183,11 +183,9 @@ class KafkaConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
             except OSError as e:
                 raise ConfigError(f"kafka.sasl_password_file {self.sasl_password_file!r}: cannot read: "
                                   f"{e.strerror}") from None
-        for key, value in (("ssl.ca.location", self.ssl_ca_file),
-                           ("ssl.certificate.location", self.ssl_certificate_file),
-                           ("ssl.key.location", self.ssl_key_file)):
-            if value:
-                out[key] = value
+        out.update((key, value) for key, value in (("ssl.ca.location", self.ssl_ca_file),
+                                                    ("ssl.certificate.location", self.ssl_certificate_file),
+                                                    ("ssl.key.location", self.ssl_key_file)) if value)
         return out
 
     def producer_settings(self, client_id: str) -> dict[str, Any]:

@@ -319,8 +319,7 @@ def check_exposure(config: Config) -> list[Finding]:
                                                 f"keep it on 127.0.0.1 behind a scraper you trust"))
     if not config.security.curve:
         sockets, _ = configured_sockets(config)
-        for sock in sockets:
-            if not sock.key.startswith("metrics.") and not _loopback(sock.host):
-                findings.append(warning(sock.key, f"tcp on {sock.host}:{sock.port} without security.curve: "
-                                                  f"anyone who reaches it can inject or read trades"))
+        findings.extend(warning(sock.key, f"tcp on {sock.host}:{sock.port} without security.curve: anyone who "
+                                          "reaches it can inject or read trades")
+                        for sock in sockets if not sock.key.startswith("metrics.") and not _loopback(sock.host))
     return findings

@@ -426,8 +426,7 @@ def serve(backing: Path, mount: Path, control: Path, protect: set[int]) -> int:
                 st = os.fstat(self._handle(fh)[0].fd) if fh else os.lstat(self._full(path))
             keys = ("st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime_ns", "st_mtime_ns",
                     "st_ctime_ns", "st_blocks", "st_blksize", "st_ino")
-            attrs = {key.removesuffix("_ns"): getattr(st, key) for key in keys}
-            return attrs
+            return {key.removesuffix("_ns"): getattr(st, key) for key in keys}
 
         def readdir(self, path: str, fh: int) -> list[str]:
             with self.mutex:

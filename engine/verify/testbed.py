@@ -105,10 +105,8 @@ class StoreObserver:
         return asyncio.run(run())
 
     def logs(self) -> str:
-        out = []
-        for path in sorted((self.root / "logs").glob("*.log")):
-            out.append(f"==== {path.name}\n{path.read_text(errors='replace')[-4000:]}")
-        return "\n".join(out)
+        return "\n".join(f"==== {path.name}\n{path.read_text(errors='replace')[-4000:]}"
+                         for path in sorted((self.root / "logs").glob("*.log")))
 
 
 class System(StoreObserver):

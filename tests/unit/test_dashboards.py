@@ -82,9 +82,7 @@ def validate(value: Any, schema: dict[str, Any], root: dict[str, Any] = SCHEMA, 
         if "pattern" in schema and not re.search(schema["pattern"], value):
             errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
     if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing required {key!r}")
+        errors.extend(f"{path}: missing required {key!r}" for key in schema.get("required", []) if key not in value)
         for key, sub in schema.get("properties", {}).items():
             if key in value:
                 errors.extend(validate(value[key], sub, root, f"{path}.{key}"))

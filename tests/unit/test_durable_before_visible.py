@@ -73,9 +73,8 @@ def test_every_store_write_follows_the_fsync_of_its_trades(tmp_path: Path, monke
     real_write = EmbeddedStore.write
 
     async def write(self: EmbeddedStore, batch: Batch) -> None:
-        for t in batch.trades:
-            if t.seq > durable.get(t.symbol, 0):
-                violations.append(f"{t.symbol}#{t.seq} written before its fsync (durable {durable.get(t.symbol)})")
+        violations.extend(f"{t.symbol}#{t.seq} written before its fsync (durable {durable.get(t.symbol)})"
+                          for t in batch.trades if t.seq > durable.get(t.symbol, 0))
         written.append(len(batch.trades))
         await real_write(self, batch)
 

@@ -248,9 +248,7 @@ def test_restarted_simulator_continues_the_same_stream(tmp_path: Path) -> None:
     assert summary.trades == 3000 - 1234
     straight, restarted = (tmp_path / "straight.log").read_bytes(), (tmp_path / "restarted.log").read_bytes()
     assert straight == restarted
-    assert summary.latest == {
-        s: n for s, n in Counter(t.symbol for t in trades_of(tmp_path / "straight.log")).items()
-    }
+    assert summary.latest == dict(Counter(t.symbol for t in trades_of(tmp_path / "straight.log")))
 
 
 def test_subscribers_receive_exactly_the_logged_trades_then_heartbeats_with_the_latest(

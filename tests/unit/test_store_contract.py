@@ -109,7 +109,7 @@ def test_store_objects_share_one_file(tmp_path: Path) -> None:
             await asyncio.gather(
                 *(shard(store, symbol) for store, symbol in zip(stores, symbols, strict=True))
             )
-            assert await stores[0].watermarks() == {symbol: 200 for symbol in symbols}
+            assert await stores[0].watermarks() == dict.fromkeys(symbols, 200)
             everything = [t for symbol in symbols for t in trades[symbol]]
             assert await contract.balances_of(stores[1], range(7)) == contract.expected_balances(everything)
         finally:
