@@ -25,23 +25,24 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import msgspec
 import zmq
 import zmq.asyncio
 
 from engine.core import metrics as metricsmod
-from engine.core import security
+from engine.core import security, wire
 from engine.core.child import Lifeline, child_main, wait_event
 from engine.core.config import Config
 from engine.core.errors import (
     ReplayError,
+    SettleError,
     WalError,
     WalInUse,
 )
-from engine.core.messages import Heartbeat, Trade, check_trade, stream_decoder
+from engine.core.messages import Heartbeat, StreamMessage, Trade, stream_decoder
 from engine.core.placement import shard_for
 from engine.core.progress import Progress
 from engine.core.quarantine import Quarantine
@@ -219,8 +220,8 @@ class Shard(SettleStage):
                 await wait_event(self._replay_delivered, 0.05)
                 self._replay_delivered.clear()
                 while self._replayed:
-                    for trade in self._replayed.popleft():
-                        self._accept(trade)
+                    replayed = self._replayed.popleft()
+                    self._accept_batch(replayed, [None] * len(replayed))
                 if self.wal.buffered:
                     total += self.wal.buffered
                     await self._group_commit()
@@ -254,7 +255,7 @@ class Shard(SettleStage):
         await self.start()
         ctx = zmq.asyncio.Context.instance()
         sock = ctx.socket(zmq.PULL)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, wire.HWM_MESSAGES)
         sock.setsockopt(zmq.LINGER, 0)
         endpoint = self.config.shard_endpoint(self.shard)
         if endpoint.startswith("ipc://"):
@@ -277,7 +278,7 @@ class Shard(SettleStage):
             asyncio.create_task(self.gaps.run(), name="gaps"),
         ]
         try:
-            await self._stopping.wait()
+            await self._until_stopped_or_failed(tasks)
             await self._shutdown(tasks)
         finally:
             for task in tasks:
@@ -287,6 +288,19 @@ class Shard(SettleStage):
             if guard is not None:
                 guard.close()
             await self.close()
+
+    async def _until_stopped_or_failed(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Until :meth:`stop`; a stage that ends before it (a refused store write, a router of another wire
+        version) stops the shard with its error instead of leaving the other stages running without it."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((stopping, *tasks), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        for task in tasks:
+            if task.done() and not self._stopping.is_set():
+                error = task.exception()
+                raise error if error is not None else SettleError(f"shard {self.shard}: {task.get_name()} ended")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -307,11 +321,13 @@ class Shard(SettleStage):
         assert self.wal is not None
         wal, cfg = self.wal, self.config.wal
         raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        decoder = stream_decoder()
+        decoder = wire.batch_decoder()
+        frame_decoder = stream_decoder()
         quarantine = Quarantine(self.config.quarantine_path, f"shard-{self.shard}", self.m.quarantined)
         batch_max = cfg.batch_trades_max
         wait_s = cfg.fsync_wait_us_max / 1e6
         pending_max = cfg.pending_trades_max
+        received = self.m.received
         first_at = 0.0
         try:
             while True:
@@ -325,8 +341,7 @@ class Shard(SettleStage):
                             first_at = time.monotonic()
                         self._replay_ranges.setdefault(replayed[0].symbol, []).append(
                             (replayed[0].seq, replayed[-1].seq))
-                    for trade in replayed:
-                        self._accept(trade)
+                    self._accept_batch(replayed, [None] * len(replayed))
                 if len(self.unsettled) + wal.buffered >= pending_max and not stopping:
                     self._intake_space.clear()
                     await self._intake_space.wait()
@@ -338,27 +353,23 @@ class Shard(SettleStage):
                     if stopping and not wal.buffered:
                         return
                     continue
-                for _ in range(batch_max):
+                for _ in range(batch_max):  # messages, each of up to router.BATCH_FRAMES_MAX frames
+                    if wal.buffered >= batch_max:
+                        break
                     try:
-                        frame = raw.recv(zmq.NOBLOCK, copy=True)
+                        data = raw.recv(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
                     try:
-                        msg = decoder.decode(frame)
-                    except msgspec.DecodeError as e:
-                        quarantine.put("malformed", str(e), frame)
+                        batch = wire.decode_batch(data, decoder, frame_decoder)
+                    except wire.WireError as e:
+                        quarantine.put("malformed", str(e), data)
                         continue
-                    if isinstance(msg, Heartbeat):
-                        self._on_heartbeat(msg)
-                        continue
-                    reason = check_trade(msg)
-                    if reason is not None:
-                        quarantine.put("unsound", reason, frame)
-                        continue
-                    self.m.received.inc()
+                    for frame, reason in batch.rejected:
+                        quarantine.put("malformed", reason, frame)
                     if not wal.buffered:
                         first_at = time.monotonic()
-                    self._accept(msg)
+                    received.inc(self._accept_batch(batch.messages, batch.frames))
         finally:
             quarantine.close()
             self._intake_done.set()
@@ -384,22 +395,33 @@ class Shard(SettleStage):
             polled.cancel()
         return polled.done() and not polled.cancelled() and bool(polled.result())
 
-    def _accept(self, trade: Trade) -> None:
+    def _accept_batch(self, messages: Sequence[StreamMessage], frames: Sequence[memoryview | None]) -> int:
+        """Take the trades and heartbeats of a batch from the router (checked there) or of a replay, each with
+        its bytes as the ME sent them (None: encoded again for the WAL); the trades among them."""
         assert self.wal is not None
+        offer, append, buffered, buffered_at = self.sequencer.offer, self.wal.append, self._buffered, self._buffered_at
+        intake = self.m.stage["intake"].observe
         now_ns = time.monotonic_ns()
-        ready = self.sequencer.offer(trade, now_ns)
-        if ready is None:
-            self.m.duplicates.inc()
-            return
-        if not ready and self.gaps is not None:
-            self.gaps.wake()  # held past a gap: ask the ME now
         wall_ns = time.time_ns()
-        intake = self.m.stage["intake"]
-        for t in ready:
-            self.wal.append(t)
-            self._buffered.append(t)
-            self._buffered_at.append(now_ns)
-            intake.observe(max(0, wall_ns - t.ts_ns) / 1e9)
+        trades = 0
+        for msg, frame in zip(messages, frames, strict=True):
+            if type(msg) is Heartbeat:
+                self._on_heartbeat(msg)
+                continue
+            trades += 1
+            assert type(msg) is Trade
+            ready = offer(msg, now_ns)
+            if ready is None:
+                self.m.duplicates.inc()
+                continue
+            if not ready and self.gaps is not None:
+                self.gaps.wake()  # held past a gap: ask the ME now
+            for t in ready:
+                append(t, frame if t is msg else None)  # held trades come back without their frame: encoded again
+                buffered.append(t)
+                buffered_at.append(now_ns)
+                intake(max(0, wall_ns - t.ts_ns) / 1e9)
+        return trades
 
     def _on_heartbeat(self, hb: Heartbeat) -> None:
         if shard_for(hb.symbol, self.config.shard_count) != self.shard:

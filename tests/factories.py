@@ -1,10 +1,11 @@
-"""Building valid trades for tests."""
+"""Building valid trades for tests, and the router's batches of them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.core.messages import Trade
+from engine.core import wire
+from engine.core.messages import Heartbeat, Trade, encoder
 
 
 def trade(symbol: str = "BTC-USDT", seq: int = 1, **over: Any) -> Trade:
@@ -28,3 +29,8 @@ def trade(symbol: str = "BTC-USDT", seq: int = 1, **over: Any) -> Trade:
     }
     fields.update(over)
     return Trade(**fields)
+
+
+def routed(*messages: Trade | Heartbeat) -> bytes:
+    """``messages`` as the router hands them to a shard: one batch of their frames."""
+    return wire.encode_batch([encoder.encode(m) for m in messages])

@@ -45,7 +45,7 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     transport: Literal["ipc", "tcp"] = "ipc"
     tcp_host: str = "127.0.0.1"
     tcp_base_port: Port = 5600  # shard N listens on tcp_base_port + N when transport = "tcp"
-    shard_queue_max: PositiveInt = 200_000  # messages held per shard while its socket is full
+    shard_queue_max: PositiveInt = 200_000  # frames (trades, heartbeats) held per shard while its socket is full
     rcvhwm: Annotated[int, msgspec.Meta(ge=0)] = 1_000_000
 
 

@@ -8,10 +8,10 @@ Layout of a shard's WAL root (``var/wal/shard-2/``)::
     ETH-USDT/...
 
 A segment is the 8-byte magic ``SETLWAL1`` then records framed by :mod:`engine.core.records`, each one
-trade (payload the msgpack-encoded :class:`~engine.core.messages.Trade`). The first record a commit writes
-to a segment has type ``TYPE_COMMIT_START``, the others ``TYPE_TRADE``. A symbol's seqs are contiguous
-across its segments; a segment that holds no record still says, by its name, where the symbol's log
-continues (``last_seq = first_seq - 1``).
+trade (payload the trade's MessagePack frame, :class:`~engine.core.messages.Trade`, as the ME sent it). The
+first record a commit writes to a segment has type ``TYPE_COMMIT_START``, the others ``TYPE_TRADE``. A
+symbol's seqs are contiguous across its segments; a segment that holds no record still says, by its name,
+where the symbol's log continues (``last_seq = first_seq - 1``).
 
 :meth:`ShardWal.append` only buffers; :meth:`ShardWal.commit` writes each dirty symbol's buffer with
 one ``write`` and then ``fdatasync``-s every dirty file once, in parallel. Nothing a caller appended is
@@ -535,8 +535,11 @@ class ShardWal:
         self._symbols[symbol] = state
         return state
 
-    def append(self, trade: Trade) -> None:
-        """Buffer ``trade`` for the next :meth:`commit`; its seq must follow the symbol's last one."""
+    def append(self, trade: Trade, frame: bytes | memoryview | None = None) -> None:
+        """Buffer ``trade`` for the next :meth:`commit`; its seq must follow the symbol's last one.
+
+        ``frame``: the trade as the ME encoded it, kept as it came (any MessagePack encoding of the trade
+        decodes to the same :class:`Trade`); None encodes it here."""
         if self._closed:
             raise ClosedError(f"WAL {self.root} is closed")
         state = self._symbols.get(trade.symbol)
@@ -544,8 +547,8 @@ class ShardWal:
             assert trade.seq == 1, (trade.symbol, trade.seq)  # or start_after() the store's watermark
             state = self._new_symbol(trade.symbol, 1)
         assert trade.seq == state.last_seq + 1, (trade.symbol, trade.seq, state.last_seq)
-        payload = encoder.encode(trade)
-        assert len(payload) <= PAYLOAD_BYTES_MAX, len(payload)
+        payload = encoder.encode(trade) if frame is None else frame
+        assert 0 < len(payload) <= PAYLOAD_BYTES_MAX, len(payload)
         buffer = state.buffer
         state.tail = len(buffer)
         if buffer:

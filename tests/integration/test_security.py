@@ -30,6 +30,7 @@ from engine.core.security import KeyPair
 from engine.sim.mesim import SimConfig, TradeGenerator, symbol_names
 from engine.verify.demo import _free_port_range
 from engine.verify.testbed import System
+from tests.factories import routed
 from tests.integration.test_pipeline import assert_exact
 from tests.servers.cassandra import CassandraServer
 
@@ -153,7 +154,7 @@ def test_rogue_clients_get_nothing_in_and_nothing_out(tmp_path: Path, keys: Path
         system.wait_settled(1_000, at_least=True)
 
         for i, push in enumerate(rogues.pair(zmq.PUSH, config.shard_endpoint(0), "shard")):
-            push.send(encoder.encode(rogue_trade(seq=1 + i)))
+            push.send(routed(rogue_trade(seq=1 + i)))
         subs = rogues.pair(zmq.SUB, config.me.publish, "me")
         for sub in subs:
             sub.subscribe(b"")
@@ -258,7 +259,7 @@ def test_control_without_curve_a_rogue_push_is_settled(tmp_path: Path, keys: Pat
     try:
         system.start_engine()
         push.connect(system.config.shard_endpoint(0))
-        push.send(encoder.encode(rogue_trade()))
+        push.send(routed(rogue_trade()))
         wait_for("the injected trade settled", lambda: system.watermarks().get(ROGUE_SYMBOL) == 1, system)
     finally:
         push.close(0)

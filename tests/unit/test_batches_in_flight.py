@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from engine.core import config as configmod
-from engine.core.messages import encoder
 from engine.core.store.base import Batch, Position, PositionKey
 from shards import shard as shardmod
-from tests.factories import trade
+from tests.factories import routed, trade
 from tests.inprocess import running_shard, wait_until
 
 
@@ -84,7 +83,7 @@ def test_watermarks_never_pass_an_unsettled_trade_with_batches_in_flight(
     with running_shard(config, tmp_path, batches_in_flight=4) as (_, push):
         for i in range(total):
             symbol = symbols[i % len(symbols)]
-            push.send(encoder.encode(trade(symbol, seq=i // len(symbols) + 1, output_sequence=i + 1)))
+            push.send(routed(trade(symbol, seq=i // len(symbols) + 1, output_sequence=i + 1)))
         settled = wait_until(lambda: store.marks == dict.fromkeys(symbols, total // len(symbols)))
     assert settled, store.marks
     assert store.violations == []

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from engine.core import config as configmod
-from engine.core.messages import encoder
 from engine.core.store.base import Batch
 from engine.core.store.embedded import EmbeddedStore
 from engine.core.wal import SEGMENT_SUFFIX, ShardWal
-from tests.factories import trade
+from tests.factories import routed, trade
 from tests.inprocess import running_shard, wait_until
 
 SYMBOLS = ("BTC-USDT", "ETH-USDT", "SOL-USDT")
@@ -89,7 +88,7 @@ def test_every_store_write_follows_the_fsync_of_its_trades(tmp_path: Path, monke
     with running_shard(config, tmp_path) as (_, push):
         for i in range(1, total + 1):
             symbol = SYMBOLS[i % 3]
-            push.send(encoder.encode(trade(symbol, seq=(i + 2) // 3, output_sequence=i)))
+            push.send(routed(trade(symbol, seq=(i + 2) // 3, output_sequence=i)))
         assert wait_until(lambda: sum(written) >= total or bool(violations)), f"{sum(written)} of {total} settled"
     assert violations == [], (violations[:5], unsynced[:5])
     assert sum(written) == total

@@ -30,7 +30,8 @@ def router(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def routed(r: Router, shard: int) -> int:
-    return int(r.m.forwarded.labels(str(shard))._value.get()) + len(r.queues[shard])
+    """Frames for ``shard``: sent, queued behind its full socket, or gathering for its next batch."""
+    return int(r.m.forwarded.labels(str(shard))._value.get()) + r.queued[shard] + len(r.pending[shard])
 
 
 @pytest.mark.parametrize("kind", hostile.KINDS)

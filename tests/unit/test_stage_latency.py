@@ -14,9 +14,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core import config as configmod
-from engine.core.messages import encoder
 from engine.core.metrics import STAGES
-from tests.factories import trade
+from tests.factories import routed, trade
 from tests.inprocess import running_shard, wait_until
 
 
@@ -43,7 +42,7 @@ def test_every_stage_observes_every_settled_trade_once_and_the_stages_add_up_to_
     symbols = ("BTC-USDT", "ETH-USDT", "SOL-USDT")
     with running_shard(config, tmp_path) as (shard, push):
         for i in range(1, total + 1):
-            push.send(encoder.encode(trade(symbols[i % 3], seq=(i + 2) // 3, output_sequence=i,
+            push.send(routed(trade(symbols[i % 3], seq=(i + 2) // 3, output_sequence=i,
                                            ts_ns=time.time_ns())))
             if i % 500 == 0:
                 time.sleep(0.01)  # several group commits and store batches, not one
