@@ -26,7 +26,7 @@ from engine.core import metrics as metricsmod
 from engine.core import security, wire
 from engine.core.child import Lifeline, child_main
 from engine.core.config import Config
-from engine.core.messages import Heartbeat, StreamMessage, check_trade, stream_decoder
+from engine.core.messages import Heartbeat, StreamMessage, check_symbol, check_trade_fields, stream_decoder
 from engine.core.placement import shard_for
 from engine.core.quarantine import Quarantine
 
@@ -61,8 +61,12 @@ def validate(frame: bytes, decoder: msgspec.msgpack.Decoder[StreamMessage],
     except msgspec.DecodeError as e:
         quarantine.put(classify(e), str(e), frame)
         return None
+    reason = check_symbol(msg.symbol)
+    if reason is not None:
+        quarantine.put("invalid", reason, frame)
+        return None
     if not isinstance(msg, Heartbeat):
-        reason = check_trade(msg)
+        reason = check_trade_fields(msg)
         if reason is not None:
             quarantine.put("unsound", reason, frame)
             return None

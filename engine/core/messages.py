@@ -6,6 +6,7 @@ Decoder bound to the union it may carry (see ``docs/protocol.md``).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -20,7 +21,9 @@ Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Positive = Annotated[int, msgspec.Meta(gt=0, lt=AMOUNT_MAX)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0, lt=AMOUNT_MAX)]
 Scale = Annotated[int, msgspec.Meta(ge=0, le=SCALE_MAX)]
-Symbol = Annotated[str, msgspec.Meta(pattern=SYMBOL_PATTERN)]
+# Decoding bounds a symbol's length only: :func:`check_symbol` matches SYMBOL_PATTERN once per distinct
+# symbol instead of once per frame (the regex was two thirds of a frame's decoding time).
+Symbol = Annotated[str, msgspec.Meta(min_length=3, max_length=31)]
 Side = Literal["buy", "sell"]
 
 
@@ -122,7 +125,29 @@ def notional(trade: Trade) -> int:
     return value
 
 
+_SYMBOL_RE: Final = re.compile(SYMBOL_PATTERN)
+_SOUND_SYMBOLS_MAX: Final = 100_000  # remembered sound symbols; beyond, each is checked again
+_sound_symbols: set[str] = set()
+
+
+def check_symbol(symbol: str) -> str | None:
+    """Whether ``symbol`` matches SYMBOL_PATTERN; the reason when it does not, else None."""
+    if symbol in _sound_symbols:
+        return None
+    if _SYMBOL_RE.match(symbol) is None:
+        return f"symbol {symbol!r} does not match {SYMBOL_PATTERN}"
+    if len(_sound_symbols) < _SOUND_SYMBOLS_MAX:
+        _sound_symbols.add(symbol)
+    return None
+
+
 def check_trade(trade: Trade) -> str | None:
+    """Every check of a decoded trade that its decoder does not make: the symbol's pattern
+    (:func:`check_symbol`) and the cross-field rules (:func:`check_trade_fields`). A reason, or None."""
+    return check_symbol(trade.symbol) or check_trade_fields(trade)
+
+
+def check_trade_fields(trade: Trade) -> str | None:
     """Cross-field checks msgspec cannot express. Returns a reason, or None when the trade is sound."""
     base, quote = split_symbol(trade.symbol)
     if base == quote:
