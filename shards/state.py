@@ -78,16 +78,19 @@ class Sequencer:
         out = [trade]
         st.accepted = seq
         held = st.held
-        if held.pop(seq, None) is not None:
-            self.held_total -= 1
-        while held:
-            nxt = held.pop(st.accepted + 1, None)
-            if nxt is None:
-                break
-            self.held_total -= 1
-            out.append(nxt)
-            st.accepted += 1
-        if st.gap is None:
+        if held:
+            if held.pop(seq, None) is not None:
+                self.held_total -= 1
+            while held:
+                nxt = held.pop(st.accepted + 1, None)
+                if nxt is None:
+                    break
+                self.held_total -= 1
+                out.append(nxt)
+                st.accepted += 1
+        # The gap closed: nothing held any more (a held trade left now sits past a hole) and nothing heard of
+        # beyond what is accepted. Not ``st.gap``: its min(held) per trade made a long replay quadratic.
+        if st.gap_since_ns and not held and st.me_latest <= st.accepted:
             st.gap_since_ns = 0
         return out
 

@@ -41,3 +41,22 @@ def test_symbols_are_independent() -> None:
     s = Sequencer(held_max=10)
     assert seqs(s.offer(trade("ETH-USDT", 2), 0)) == []
     assert seqs(s.offer(trade("BTC-USDT", 1), 0)) == [1]
+
+
+def test_a_gap_is_open_exactly_while_its_clock_runs() -> None:
+    """After every offer and heartbeat, in any order, with duplicates: ``gap_since_ns`` is set exactly while
+    ``gap`` is not None (the in-order path decides it without scanning what is held)."""
+    import random
+
+    rng = random.Random(11)
+    for _ in range(200):
+        s = Sequencer(held_max=1_000)
+        seqs = list(range(1, 60)) * 2
+        rng.shuffle(seqs)
+        for now, seq in enumerate(seqs, start=1):
+            if rng.random() < 0.1:
+                st = s.heartbeat("BTC-USDT", rng.randint(0, 70), now)
+            else:
+                s.offer(trade("BTC-USDT", seq=seq), now)
+                st = s.state("BTC-USDT")
+            assert (st.gap is not None) == bool(st.gap_since_ns), (st.accepted, st.me_latest, sorted(st.held))
