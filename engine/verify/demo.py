@@ -41,17 +41,17 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def _bindable(port: int) -> bool:
+def _bindable(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
         except OSError:
             return False
         return True
 
 
-def free_port() -> int:
-    """A free port of 127.0.0.1 below the kernel's ephemeral range. The port is only bound later, by the
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port of ``host`` below the kernel's ephemeral range. The port is only bound later, by the
     process it is for; a port from the ephemeral range (what binding port 0 gives) could meanwhile become
     the local end of any outgoing connection on the machine, or of a client's own connect to it while the
     server is not up yet (TCP connects to itself), and the server's bind would fail: address in use."""
@@ -59,10 +59,10 @@ def free_port() -> int:
     if low > PORTS_LOW + 1000:
         for _ in range(1000):
             port = random.randrange(PORTS_LOW, low)
-            if _bindable(port):
+            if _bindable(port, host):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an odd port range: the kernel's pick
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         picked: int = s.getsockname()[1]
         return picked
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
+
+from engine.verify.demo import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_GRACE_S = 120.0  # the script waits for its server itself; this only bounds a hung script
@@ -405,15 +406,12 @@ class KafkaCluster:
 
 
 def free_port_pair(host: str) -> tuple[int, int]:
-    """Two distinct free ports of HOST (a broker's and a controller's)."""
-    socks = [socket.socket(), socket.socket()]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return socks[0].getsockname()[1], socks[1].getsockname()[1]
-    finally:
-        for s in socks:
-            s.close()
+    """Two distinct free ports of HOST (a broker's and a controller's), below the ephemeral range."""
+    first = free_port(host)
+    second = free_port(host)
+    while second == first:
+        second = free_port(host)
+    return first, second
 
 
 def threads_left(pid: int) -> bool:

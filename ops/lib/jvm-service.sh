@@ -143,14 +143,30 @@ finally:
 EOF
 }
 
-free_ports() {  # print N distinct free ports of $HOST
+free_ports() {  # print N distinct free ports of $HOST, below the kernel's ephemeral range
+    # A port from the ephemeral range (what binding port 0 gives) can become the local end of an outgoing
+    # connection: a client reconnecting to a killed server's port connects to itself on it (TCP
+    # simultaneous open) and holds it, and the server's restart on that port fails: address in use.
     "$PYTHON" - "$1" "$HOST" <<'EOF'
-import socket, sys
+import random, socket, sys
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
 socks = []
 for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind((sys.argv[2], 0))
-    socks.append(s)
+    for _ in range(1000):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((sys.argv[2], random.randrange(10000, low) if low > 11000 else 0))
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+        break
+    else:
+        sys.exit("no free port below the ephemeral range")
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 for s in socks:
     s.close()
