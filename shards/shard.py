@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import os
 import time
@@ -46,6 +47,7 @@ from engine.core.messages import Heartbeat, StreamMessage, Trade, stream_decoder
 from engine.core.placement import shard_for
 from engine.core.progress import Progress
 from engine.core.quarantine import Quarantine
+from engine.core.retry import Backoff
 from engine.core.settlement import Settler
 from engine.core.store import Store, open_store
 from engine.core.store.base import Batch
@@ -69,6 +71,7 @@ class _Writing:
 RECOVERY_BATCH_TRADES: Final = 20_000
 CHECKPOINT_INTERVAL_S: Final = 1.0
 WAL_LOCK_WAIT_S: Final = 60.0
+WAL_RETRY_S_FIRST: Final = 0.01
 # The hot path allocates containers by the million, nearly all short-lived; at CPython's default
 # thresholds (700, 10, 10) the cyclic collector took a third of a shard's CPU (bench/, py-spy).
 # Reference cycles are rare here, so collect less often; start-up objects are frozen out of it.
@@ -443,7 +446,7 @@ class Shard(SettleStage):
         commit_wait = self.m.stage["commit_wait"]
         for at in accepted_at:
             commit_wait.observe((started_ns - at) / 1e9)
-        backoff = 0.01
+        backoff = Backoff(WAL_RETRY_S_FIRST, RETRY_BACKOFF_S_MAX)
         while True:
             try:
                 async with self._wal_lock:  # ShardWal is not thread-safe: commit and checkpoint never overlap
@@ -451,9 +454,9 @@ class Shard(SettleStage):
                 break
             except WalError as e:
                 # A full disk or an I/O error: nothing was acknowledged; keep the records and retry.
-                log.error("shard %d: WAL commit failed, retrying in %.2fs: %s", self.shard, backoff, e)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_BACKOFF_S_MAX)
+                wait_s = backoff.next_s()
+                log.error("shard %d: WAL commit failed, retrying in %.2fs: %s", self.shard, wait_s, e)
+                await asyncio.sleep(wait_s)
         took = time.perf_counter() - started
         self.m.fsync.observe(took)
         self.m.stage["fsync"].observe_many(took, count)
@@ -478,7 +481,7 @@ class Shard(SettleStage):
         while True:
             while dispatched < len(self.unsettled) and len(inflight) < self._batches_in_flight:
                 n = min(len(self.unsettled) - dispatched, STORE_BATCH_TRADES_MAX)
-                chunk = [self.unsettled[dispatched + i] for i in range(n)]
+                chunk = list(itertools.islice(self.unsettled, dispatched, dispatched + n))  # no deque[i]: O(i)
                 self._observe_store_wait(n)
                 batch = await self._prepare_batch(chunk)
                 carries_watermarks = not inflight
