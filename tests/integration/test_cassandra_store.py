@@ -282,8 +282,10 @@ def test_server_killed_mid_write_then_restarted(own_server: CassandraServer, mon
 
 
 def test_server_killed_between_writes_then_restarted(own_server: CassandraServer) -> None:
-    """Acknowledged writes survive a SIGKILL of the server (its commit log is synced before it
-    acknowledges), and the session reconnects by itself."""
+    """Acknowledged writes survive a SIGKILL of the server, and the session reconnects by itself. The test
+    server writes its commit log before it acknowledges (`commitlog_sync: batch`) but skips the fsync
+    (``CASSANDRA_DURABILITY=process`` in ops/cassandra/cassandra.sh): an acknowledged write is in the page
+    cache, which a SIGKILL of the JVM does not lose and a power loss would."""
     trades = contract.stream(contract.SYMBOLS, 40, seed=81)
     config = config_for(own_server, new_keyspace(), request_timeout_s=2.0)
 
