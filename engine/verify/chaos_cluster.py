@@ -19,7 +19,8 @@ One node, one broker, one host at a time: RF 3 and ``min.insync.replicas`` 2 sur
 Then it lets everything settle and checks from the ME's log and the store alone that every trade was
 settled exactly once with exact balances; no settle process may die (none is killed here). Exit code 0
 only when all of that holds. The figures: the servers' start-up, per fault kind the longest time the
-store's settled count stood still while trades were waiting, lost and doubled trades.
+store's settled count stood still while trades were waiting (a stall that began while such a fault was
+under way), lost and doubled trades.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,7 +55,6 @@ EXIT_NO_CLUSTER: Final = 4  # the cluster cannot be set up here: not root, no ip
 TICK_S: Final = 0.2
 PARTITIONS: Final = 8
 READY_TIMEOUT_S: Final = 120.0
-STALL_WINDOW_AFTER_S: Final = 60.0  # a fault's stall is looked for from its start to this long after its heal
 CASSANDRA_ADDRESSES: Final = (2, 3, 4)  # host_address(n) of the LAN
 BROKER_ADDRESSES: Final = (5, 6, 7)
 ME_ADDRESS: Final = 8
@@ -89,6 +90,15 @@ class _Restart:
         self._thread.join()
 
 
+@dataclass(slots=True)
+class Episode:
+    """One fault from its start until its resource is whole again (restarted and answering, reconnected)."""
+
+    kind: str
+    start_s: float
+    whole_s: float | None = None
+
+
 class ClusterChaos:
     def __init__(self, args: argparse.Namespace, seed: int) -> None:
         self.args = args
@@ -106,7 +116,8 @@ class ClusterChaos:
         self.restarts: dict[str, _Restart] = {}  # "node-K" / "broker-K" -> its restart in progress
         self.down: dict[str, float] = {}  # "node-K" / "broker-K" -> when it was killed
         self.partitioned: dict[str, netns.Host] = {}  # "host-a" -> the host cut off from the brokers
-        self.episodes: list[tuple[str, float, float]] = []  # (kind, start, heal) in run seconds
+        self.episodes: list[Episode] = []
+        self.under_way: dict[str, Episode] = {}  # "node-K" / "broker-K" / "host-a" -> its fault's episode
         self.samples: list[tuple[float, int]] = []  # (run seconds, settled)
         self.figures: dict[str, Any] = {}  # the servers' start-up
         self.dead: set[str] = set()  # settle processes seen exited
@@ -165,7 +176,7 @@ class ClusterChaos:
         print(f"data in {root}", flush=True)
         code = EXIT_VERIFY_FAILED
         try:
-            with contextlib.ExitStack() as stack:  # every process stopped, every namespace gone, before the verdict
+            with contextlib.ExitStack() as stack:  # every process and server stopped, the LAN gone, also on failure
                 self._set_up(root, stack)
                 code = self._soak_and_check()
         except ClusterUnavailable as e:
@@ -260,9 +271,11 @@ class ClusterChaos:
         self.log("all faults injected and healed; waiting until every trade is settled")
         settled = self._wait_settled()
         for name in sorted(system.children):
-            if not system.running(name):
+            if not system.running(name) and name not in self.dead:
                 self.fail(f"{name} exited with code {system.children[name].proc.poll()}; see "
                           f"{system.root}/logs/{name}.log")
+        self.log("stopping the bridge, the shards and the ME")
+        system.stop()
         report = system.check()
         for line in report.format().splitlines():
             self.log(f"checker: {line}")
@@ -299,7 +312,6 @@ class ClusterChaos:
                 action: Callable[[cf.Fault], str] = getattr(self, f"_do_{fault.kind}")
                 self.log(f"{fault.kind} {fault.target}: {action(fault)}{late}")
                 pending.append((self.now() + fault.duration_s, order, "heal", fault))
-                self.episodes.append((fault.kind, self.now(), self.now() + fault.duration_s))
             self._tick()
             time.sleep(TICK_S)
 
@@ -313,6 +325,7 @@ class ClusterChaos:
         node = self.cassandra.node(int(fault.target.split("-")[1]))
         pid = node.kill9()
         self.down[fault.target] = self.now()
+        self._begin(fault.kind, fault.target)
         return f"SIGKILL JVM pid {pid} ({node.data_dir.name}); the other two keep LOCAL_QUORUM; restarted in " \
                f"{fault.duration_s:.1f}s"
 
@@ -321,6 +334,7 @@ class ClusterChaos:
         victim, led = leaders.most_common(1)[0]
         pid = self.brokers.node(victim).kill9()
         self.down[f"broker-{victim}"] = self.now()
+        self._begin(fault.kind, f"broker-{victim}")
         return f"broker {victim} (leads {led} of {PARTITIONS} partitions) SIGKILLed, JVM pid {pid}; restarted in " \
                f"{fault.duration_s:.1f}s"
 
@@ -328,13 +342,16 @@ class ClusterChaos:
         host = self.hosts[fault.target]
         host.block(node.host for node in self.brokers.nodes)
         self.partitioned[fault.target] = host
+        self._begin(fault.kind, fault.target)
         return f"every packet between {host.name} ({host.address}) and the 3 brokers dropped for " \
                f"{fault.duration_s:.1f}s; it still reaches Cassandra"
 
     def _heal(self, fault: cf.Fault) -> str:
         if fault.kind == cf.HOST_PARTITION:
+            owned = self._owned_by_the_other(fault.target)
             self.partitioned.pop(fault.target).unblock()
-            return "reconnected to the brokers"
+            self.under_way.pop(fault.target).whole_s = self.now()
+            return f"reconnected to the brokers; the other host owned {owned} of {PARTITIONS} partitions just before"
         server: CassandraServer | KafkaServer
         if fault.kind == cf.CASSANDRA_NODE_KILL:
             key, server = fault.target, self.cassandra.node(int(fault.target.split("-")[1]))
@@ -344,6 +361,17 @@ class ClusterChaos:
         self.restarts[key] = _Restart(key, server.start_again)
         return f"starting {key} again"
 
+    def _owned_by_the_other(self, cut_off: str) -> str:
+        """The partitions the host that was not cut off owns, from its shard's metrics (what a takeover shows)."""
+        slot, host = next((slot, host) for slot, (name, host) in enumerate(self.hosts.items()) if name != cut_off)
+        try:
+            text = self.system.metrics(f"shard-{slot}", host.address)
+        except OSError as e:
+            return f"? (its metrics did not answer: {e})"
+        owned = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith(("settle_kafka_assigned_partitions{", "settle_kafka_assigned_partitions ")))
+        return f"{owned:.0f}"
+
     # ---------------------------------------------------------------- watching
 
     def _tick(self) -> None:
@@ -352,6 +380,7 @@ class ClusterChaos:
                 continue
             del self.restarts[key]
             down_s = self.now() - self.down.pop(key)
+            self.under_way.pop(key).whole_s = self.now()
             if restart.error is not None:
                 self.fail(f"{key} did not start again: {restart.error}")
             else:
@@ -387,25 +416,36 @@ class ClusterChaos:
                 return settled
             time.sleep(TICK_S)
 
-    def _longest_stall(self, start: float, end: float) -> float:
-        """The longest time within [start, end] the settled count stood still with trades still to settle."""
-        longest, since, last = 0.0, None, None
+    def _begin(self, kind: str, key: str) -> None:
+        self.under_way[key] = episode = Episode(kind, self.now())
+        self.episodes.append(episode)
+
+    def _stalls(self) -> list[tuple[float, float]]:
+        """(began, ended) of each time the store's settled count stood still with trades still to settle."""
+        stalls, since, last = [], 0.0, -1
         for at, settled in self.samples:
-            if at < start or at > end:
-                continue
             if settled != last or settled >= self.total:
+                if at > since and last >= 0 and last < self.total:
+                    stalls.append((since, at))
                 since, last = at, settled
-            elif since is not None:
-                longest = max(longest, at - since)
+        return stalls
+
+    def longest_stalls(self) -> dict[str, float]:
+        """Per fault kind, the longest stall that began while a fault of that kind was under way (from its
+        start until its node or broker answered again, or its host was reconnected). A stall that began
+        under two faults counts for both."""
+        stalls = self._stalls()
+        longest: dict[str, float] = {}
+        for episode in self.episodes:
+            end = episode.whole_s if episode.whole_s is not None else float("inf")
+            inside = [ended - began for began, ended in stalls if episode.start_s <= began <= end]
+            longest[episode.kind] = round(max([longest.get(episode.kind, 0.0), *inside]), 1)
         return longest
 
     # ---------------------------------------------------------------- the verdict
 
     def _report(self, report: CheckReport, settled: int) -> None:
-        stalls: dict[str, float] = {}
-        for kind, start, heal in self.episodes:
-            stall = self._longest_stall(start, heal + STALL_WINDOW_AFTER_S)
-            stalls[kind] = round(max(stalls.get(kind, 0.0), stall), 1)
+        stalls = self.longest_stalls()
         summary = {
             "seed": self.seed, "passed": not self.failures, "cluster": True, "minutes": self.args.minutes,
             "duration_s": round(self.now(), 1), "faults": dict(sorted(self.executed.items())),

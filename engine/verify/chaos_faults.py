@@ -173,7 +173,7 @@ def _draw(rng: random.Random, kind: str, start_s: float, end_s: float, shards: i
     raise ValueError(f"unknown fault kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def _busy(f: Fault) -> tuple[float, float]:
+def busy(f: Fault) -> tuple[float, float]:
     """The interval a fault occupies its resource, restart time included."""
     if f.kind == CASSANDRA_KILL:
         return f.at_s, f.end_s + CASSANDRA_RESTART_S
@@ -205,9 +205,9 @@ def _conflict(f: Fault, other: Fault) -> bool:
     can be required in quarantine)."""
     if f.kind == other.kind and f.kind in (CASSANDRA_KILL, ME_DROP, HOSTILE_FLOOD, DISK_FULL, *CLUSTER_KINDS):
         same_resource = f.kind != DISK_FULL or f.target == other.target
-        if same_resource and _overlap(_busy(f), _busy(other)):
+        if same_resource and _overlap(busy(f), busy(other)):
             return True
-    if {f.kind, other.kind} == {ME_DROP, HOSTILE_FLOOD} and _overlap(_busy(f), _busy(other)):
+    if {f.kind, other.kind} == {ME_DROP, HOSTILE_FLOOD} and _overlap(busy(f), busy(other)):
         return True  # one ME: its modes take turns
     whole = f.kind in WHOLE_ENGINE_KINDS and other.kind in WHOLE_ENGINE_KINDS
     if whole and abs(f.at_s - other.at_s) < SUPERVISOR_GAP_S:
@@ -222,7 +222,7 @@ def _conflict(f: Fault, other: Fault) -> bool:
         if _kills(other, f.target) and f.at_s - 1.0 <= other.at_s <= f.at_s + SETTLE_AFTER_S:
             return True
         if other.kind == DISK_FULL and other.target == f.target:
-            return _overlap((f.at_s - 2.0, f.at_s + SETTLE_AFTER_S), _busy(other))
+            return _overlap((f.at_s - 2.0, f.at_s + SETTLE_AFTER_S), busy(other))
     return False
 
 

@@ -260,11 +260,22 @@ def test_the_cluster_schedule_has_every_cluster_kind_and_one_of_each_down_at_a_t
     faults = chaos_faults.plan(CHAOS_SEED, start_s=5, end_s=1195, shards=2, kinds=chaos_faults.CLUSTER_KINDS)
     assert {f.kind for f in faults} == set(chaos_faults.CLUSTER_KINDS)
     for kind in chaos_faults.CLUSTER_KINDS:  # RF 3 and min.insync.replicas 2 survive one replica down, not two
-        episodes = sorted(chaos_faults._busy(f) for f in faults if f.kind == kind)
+        episodes = sorted(chaos_faults.busy(f) for f in faults if f.kind == kind)
         assert len(episodes) >= 5, kind
         assert all(a[1] < b[0] for a, b in zip(episodes, episodes[1:], strict=False)), kind
     assert {f.target for f in faults if f.kind == chaos_faults.HOST_PARTITION} == {"host-a", "host-b"}
     assert {f.target for f in faults if f.kind == chaos_faults.CASSANDRA_NODE_KILL} == {"node-1", "node-2", "node-3"}
+
+
+def test_the_cluster_run_counts_a_stall_for_the_faults_under_way_when_it_began() -> None:
+    args = chaos.parser().parse_args(["--cluster", "--minutes", "1", "--trades", "100", "--rate", "1"])
+    run = chaos_cluster.ClusterChaos(args, seed=1)
+    assert run.total == 100
+    run.samples = [(0.0, 0), (1.0, 10), (2.0, 10), (3.0, 10), (4.0, 20), (5.0, 20), (9.0, 20), (10.0, 100),
+                   (30.0, 100)]  # stalls: 1-4 s and 4-10 s; none once all 100 are settled
+    run.episodes = [chaos_cluster.Episode("broker_kill", 0.5, 2.0), chaos_cluster.Episode("host_partition", 3.5),
+                    chaos_cluster.Episode("cassandra_node_kill", 11.0, 20.0)]
+    assert run.longest_stalls() == {"broker_kill": 3.0, "host_partition": 6.0, "cassandra_node_kill": 0.0}
 
 
 def test_the_cluster_mode_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch,
