@@ -9,8 +9,8 @@ need_apt=()
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies ops/systemd/ units in the tests
-command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)  # tests/netns.py: partitions, loss, delay between hosts
-command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)  # tests/netns.py: namespaces, links
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)  # engine/verify/netns.py: partitions, loss, delay between hosts
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)  # engine/verify/netns.py: namespaces, links
 if [ "${#need_apt[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "install.sh: need root to apt-get install ${need_apt[*]}" >&2
