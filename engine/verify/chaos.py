@@ -48,6 +48,7 @@ import zmq
 from engine.core.errors import EXIT_OK, EXIT_USAGE, EXIT_VERIFY_FAILED
 from engine.verify import chaos_faults as cf
 from engine.verify import lazyfs
+from engine.verify.chaos_run import ChaosRun
 from engine.verify.checker import CheckReport
 from engine.verify.testbed import ProgressWatch, SimRun, System
 
@@ -68,23 +69,13 @@ class _Event:
     fault: cf.Fault
 
 
-class Chaos:
+class Chaos(ChaosRun):
     def __init__(self, args: argparse.Namespace, seed: int) -> None:
-        self.args = args
-        self.seed = seed
-        self.sim_seed = seed % 2**63
-        self.soak_s = args.minutes * 60.0
-        self.rate = max(args.rate, args.trades / self.soak_s)
-        self.total = max(args.trades, int(self.rate * self.soak_s))
         kinds = tuple(args.kinds.split(",")) if args.kinds else cf.KINDS
-        self.kinds = kinds if args.store == "cassandra" else tuple(k for k in kinds if k != cf.CASSANDRA_KILL)
-        self.schedule = cf.plan(seed, start_s=5.0, end_s=max(15.0, self.soak_s - 5.0), shards=args.shards,
-                                kinds=self.kinds, count=args.faults)  # fmt: skip
-        self.t0 = time.monotonic()
+        super().__init__(args, seed, kinds if args.store == "cassandra" else
+                         tuple(k for k in kinds if k != cf.CASSANDRA_KILL), args.shards)
+        self.sim_seed = seed % 2**63
         self.soak_at = 0.0
-        self.timeline: list[str] = []
-        self.failures: list[str] = []
-        self.executed: Counter[str] = Counter()
         self.kills: Counter[str] = Counter()  # slot -> our SIGKILLs of it (its supervisor alive)
         self.last_hit: dict[str, float] = {}  # slot -> when we last took it down
         self.slots: dict[str, tuple[int | None, bool]] = {}  # slot -> (pid, ready) last seen
@@ -105,28 +96,17 @@ class Chaos:
         self.full: set[str] = set()  # shard slots whose WAL disk is kept full
         self.node: cf.CassandraNode | None = None
         self.cassandra_down_at = 0.0
-        self.next_progress = 0.0
         self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.pushes: list[zmq.Socket[bytes]] = []
         self._system: System | None = None
-        self._progress: ProgressWatch | None = None
 
     @property
     def system(self) -> System:
         assert self._system is not None
         return self._system
 
-    def now(self) -> float:
-        return time.monotonic() - self.t0
 
-    def log(self, message: str) -> None:
-        line = f"[{self.now():8.1f}s] {message}"
-        self.timeline.append(line)
-        print(line, flush=True)
 
-    def fail(self, message: str) -> None:
-        self.failures.append(message)
-        self.log(f"FAILURE: {message}")
 
     # ---------------------------------------------------------------- the run
 
@@ -149,7 +129,7 @@ class Chaos:
             finally:
                 stack.close()  # every process stopped, every mount gone, before the verdict is printed
                 if self.failures:
-                    self._print_failure(root)
+                    self._print_failure(root, self._replay_command())
         if self.failures:  # teardown may find more (an orphan process)
             code = EXIT_VERIFY_FAILED
         if code == EXIT_OK and not args.data_dir and not args.keep:
@@ -538,24 +518,6 @@ class Chaos:
         sent["router"] = sum(run.hostile for _, run in self.me_runs if run is not None)
         return {slot: n for slot, n in sorted(sent.items()) if n}
 
-    def _wait_settled(self) -> int:
-        """Until the store holds every trade; fails when nothing moves for --stall-timeout seconds."""
-        progress = self._progress
-        assert progress is not None
-        last, last_change = -1, time.monotonic()
-        while True:
-            self._tick()
-            settled = progress.settled
-            if settled >= self.total and progress.refresh() and progress.settled >= self.total:
-                self.log(f"settled: {progress.settled} of {self.total}")
-                return progress.settled
-            if settled != last:
-                last, last_change = settled, time.monotonic()
-            elif time.monotonic() - last_change > self.args.stall_timeout:
-                self.fail(f"liveness: settlement stuck at {settled} of {self.total} for "
-                          f"{self.args.stall_timeout:.0f}s (store: {progress.error or 'answering'})")
-                return settled
-            time.sleep(0.5)
 
     # ---------------------------------------------------------------- the verdict
 
@@ -618,16 +580,10 @@ class Chaos:
                   f"dropped in {lost['files_reverted']} files, {lost['lost_count']} paths lost, "
                   f"{lost['revived_count']} revived", flush=True)
 
-    def _print_failure(self, root: Path) -> None:
+    def _replay_command(self) -> str:
         a = self.args
-        print(f"\nsettle chaos: FAILED with seed {self.seed}; replay: settle chaos --seed {self.seed} --minutes "
-              f"{a.minutes:g} --trades {a.trades} --rate {a.rate:g} --shards {a.shards} --store {a.store}"
-              f"{f' --kinds {a.kinds}' if a.kinds else ''}; data and logs in {root}", file=sys.stderr)
-        for failure in self.failures:
-            print(f"  - {failure}", file=sys.stderr)
-        print("timeline:", file=sys.stderr)
-        for line in self.timeline:
-            print(f"  {line}", file=sys.stderr)
+        return (f"settle chaos --seed {self.seed} --minutes {a.minutes:g} --trades {a.trades} --rate {a.rate:g} "
+                f"--shards {a.shards} --store {a.store}{f' --kinds {a.kinds}' if a.kinds else ''}")
 
 
 def _resource(fault: cf.Fault) -> str:

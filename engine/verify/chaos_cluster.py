@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from engine.core.errors import EXIT_OK, EXIT_VERIFY_FAILED
 from engine.kafka import config as kafka_config
 from engine.verify import chaos_faults as cf
 from engine.verify import netns
+from engine.verify.chaos_run import ChaosRun
 from engine.verify.checker import CheckReport
 from engine.verify.demo import free_port
 from engine.verify.kafka_testbed import KafkaSystem
@@ -99,20 +99,11 @@ class Episode:
     whole_s: float | None = None
 
 
-class ClusterChaos:
+class ClusterChaos(ChaosRun):
+    poll_s = TICK_S
+
     def __init__(self, args: argparse.Namespace, seed: int) -> None:
-        self.args = args
-        self.seed = seed
-        self.soak_s = args.minutes * 60.0
-        self.rate = max(args.rate, args.trades / self.soak_s)
-        self.total = max(args.trades, int(self.rate * self.soak_s))
-        self.kinds = tuple(args.kinds.split(",")) if args.kinds else cf.CLUSTER_KINDS
-        self.schedule = cf.plan(seed, start_s=5.0, end_s=max(15.0, self.soak_s - 5.0), shards=2, kinds=self.kinds,
-                                count=args.faults)  # fmt: skip
-        self.t0 = time.monotonic()
-        self.timeline: list[str] = []
-        self.failures: list[str] = []
-        self.executed: Counter[str] = Counter()
+        super().__init__(args, seed, tuple(args.kinds.split(",")) if args.kinds else cf.CLUSTER_KINDS, 2)
         self.restarts: dict[str, _Restart] = {}  # "node-K" / "broker-K" -> its restart in progress
         self.down: dict[str, float] = {}  # "node-K" / "broker-K" -> when it was killed
         self.partitioned: dict[str, netns.Host] = {}  # "host-a" -> the host cut off from the brokers
@@ -121,12 +112,10 @@ class ClusterChaos:
         self.samples: list[tuple[float, int]] = []  # (run seconds, settled)
         self.figures: dict[str, Any] = {}  # the servers' start-up
         self.dead: set[str] = set()  # settle processes seen exited
-        self.next_progress = 0.0
         self._lan: netns.Lan | None = None
         self._cassandra: CassandraCluster | None = None
         self._brokers: KafkaCluster | None = None
         self._system: KafkaSystem | None = None
-        self._progress: ProgressWatch | None = None
         self.hosts: dict[str, netns.Host] = {}
 
     @property
@@ -144,17 +133,8 @@ class ClusterChaos:
         assert self._brokers is not None
         return self._brokers
 
-    def now(self) -> float:
-        return time.monotonic() - self.t0
 
-    def log(self, message: str) -> None:
-        line = f"[{self.now():8.1f}s] {message}"
-        self.timeline.append(line)
-        print(line, flush=True)
 
-    def fail(self, message: str) -> None:
-        self.failures.append(message)
-        self.log(f"FAILURE: {message}")
 
     # ---------------------------------------------------------------- the run
 
@@ -184,11 +164,11 @@ class ClusterChaos:
             return EXIT_NO_CLUSTER
         except BaseException as e:
             self.fail(f"the chaos run stopped early: {type(e).__name__}: {e}")
-            self._print_failure(root)
+            self._print_failure(root, self._replay_command())
             raise
         if self.failures:
             code = EXIT_VERIFY_FAILED
-            self._print_failure(root)
+            self._print_failure(root, self._replay_command())
         elif not args.data_dir and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         return code
@@ -397,24 +377,6 @@ class ClusterChaos:
             error = f", store: {self._progress.error[:100]}" if self._progress.error else ""
             self.log(f"progress: settled {self._progress.settled} of {self.total}{error}")
 
-    def _wait_settled(self) -> int:
-        """Until the store holds every trade; fails when nothing moves for --stall-timeout seconds."""
-        progress = self._progress
-        assert progress is not None
-        last, last_change = -1, time.monotonic()
-        while True:
-            self._tick()
-            settled = progress.settled
-            if settled >= self.total and progress.refresh() and progress.settled >= self.total:
-                self.log(f"settled: {progress.settled} of {self.total}")
-                return progress.settled
-            if settled != last:
-                last, last_change = settled, time.monotonic()
-            elif time.monotonic() - last_change > self.args.stall_timeout:
-                self.fail(f"liveness: settlement stuck at {settled} of {self.total} for "
-                          f"{self.args.stall_timeout:.0f}s (store: {progress.error or 'answering'})")
-                return settled
-            time.sleep(TICK_S)
 
     def _begin(self, kind: str, key: str) -> None:
         self.under_way[key] = episode = Episode(kind, self.now())
@@ -467,16 +429,11 @@ class ClusterChaos:
               f"{report.order_error_count}, assets conserved {report.assets - len(report.conservation)}/"
               f"{report.assets}", flush=True)
 
-    def _print_failure(self, root: Path) -> None:
+    def _replay_command(self) -> str:
         a = self.args
-        print(f"\nsettle chaos --cluster: FAILED with seed {self.seed}; replay: settle chaos --cluster --seed "
-              f"{self.seed} --minutes {a.minutes:g} --trades {a.trades} --rate {a.rate:g}"
-              f"{f' --kinds {a.kinds}' if a.kinds else ''}; data and logs in {root}", file=sys.stderr)
-        for failure in self.failures:
-            print(f"  - {failure}", file=sys.stderr)
-        print("timeline:", file=sys.stderr)
-        for line in self.timeline:
-            print(f"  {line}", file=sys.stderr)
+        return (f"settle chaos --cluster --seed {self.seed} --minutes {a.minutes:g} --trades {a.trades} "
+                f"--rate {a.rate:g}{f' --kinds {a.kinds}' if a.kinds else ''}")
+
 
 
 def usage_error(args: argparse.Namespace) -> str | None:
