@@ -77,10 +77,14 @@ def test_sigkill_a_shard_with_batches_in_flight_between_wal_fsync_and_the_store_
         os.kill(server.pid, signal.SIGSTOP)  # the store stops answering: trades pile up fsynced in the WAL
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (_wal_ahead(system) < 500 or _in_flight(system, 0) < 2):
+            ahead = in_flight = 0
+            while time.monotonic() < deadline and (ahead < 500 or in_flight < 2):
                 time.sleep(0.1)
-            assert _wal_ahead(system) >= 500, "the WAL did not get ahead of the store"
-            assert _in_flight(system, 0) >= 2, "shard 0 never had several batches in flight"
+                ahead, in_flight = _wal_ahead(system), _in_flight(system, 0)
+            restarts = system.state()["slots"]["shard-0"]["restarts"]
+            assert ahead >= 500, f"the WAL did not get ahead of the store ({ahead})\n{system.logs()}"
+            assert in_flight >= 2, f"shard 0 never had several batches in flight ({in_flight}; " \
+                                   f"restarts {restarts})\n{system.logs()}"
             old = system.kill("shard-0")
         finally:
             os.kill(server.pid, signal.SIGCONT)

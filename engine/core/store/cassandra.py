@@ -37,6 +37,7 @@ from cassandra import (
     OperationTimedOut,
     RequestValidationException,
     Timeout,
+    Unauthorized,
     Unavailable,
 )
 from cassandra.auth import PlainTextAuthProvider
@@ -87,6 +88,20 @@ RETRIABLE: Final = (
     OverloadedErrorMessage,
     IsBootstrappingErrorMessage,
 )
+
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether the server refused the request for good (a bad query, a missing table, no permission).
+
+    Cassandra also answers Unauthorized when it could not *read* the role's permissions, e.g. with a
+    replica of ``system_auth`` down ("Unable to perform authorization of permissions: Operation failed -
+    received 1 responses and 1 failures"): the server says so only in the message, and a later attempt
+    succeeds, so that one is not a refusal but an unavailable store."""
+    if not isinstance(error, RequestValidationException):
+        return False
+    return not (isinstance(error, Unauthorized) and "Unable to perform authorization" in str(error))
+
 
 Row = tuple[Any, ...]
 
@@ -309,6 +324,8 @@ class CassandraStore:
             statements = await asyncio.to_thread(_prepare, session, config.keyspace)
         except RequestValidationException as e:
             await asyncio.to_thread(cluster.shutdown)
+            if not _refused(e):
+                raise StoreUnavailable(f"{where}: preparing the store failed: {_describe(e)}") from e
             raise StoreRejected(
                 f"{where}: keyspace {config.keyspace!r} or its tables are missing or wrong ({_describe(e)}); "
                 "run `settle db migrate` or set store.cassandra.create_schema = true"
@@ -351,7 +368,9 @@ class CassandraStore:
                 except RETRIABLE as e:
                     error: BaseException = e
                 except RequestValidationException as e:
-                    raise StoreRejected(f"{self._where}: the server refused a request: {_describe(e)}") from e
+                    if _refused(e):
+                        raise StoreRejected(f"{self._where}: the server refused a request: {_describe(e)}") from e
+                    error = e
                 except ClosedError:
                     raise
                 except Exception as e:  # an error the driver did not classify: report it, let the shard retry
@@ -437,11 +456,11 @@ class CassandraStore:
             if not failures:
                 return
             for _, error in failures:
-                if isinstance(error, RequestValidationException):
+                if _refused(error):
                     raise StoreRejected(f"{self._where}: the server refused a request: {_describe(error)}") from error
                 if isinstance(error, ClosedError):
                     raise error
-                if not isinstance(error, RETRIABLE):
+                if not isinstance(error, (*RETRIABLE, Unauthorized)):
                     raise StoreUnavailable(f"{self._where}: request failed: {_describe(error)}") from error
             pending = [statement for statement, _ in failures]
             wait_s = backoff.next_s()
