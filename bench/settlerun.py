@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -324,16 +323,6 @@ def run_settle(name: str, *, trades: int, shards: int, store: str = "embedded", 
             print(f"{name}: the engine stopped with exit code {code}; see {bench.root}/logs", file=sys.stderr)
         return SettleRun(name, store, bench.shards, publisher, trades, seconds, per_s, cpu,
                          cpu / trades * 1e6, verified)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_baseline(name: str, *, trades: int, store: str = "embedded", publisher: str = "blast", symbols: int = 16,

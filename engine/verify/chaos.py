@@ -105,9 +105,6 @@ class Chaos(ChaosRun):
         assert self._system is not None
         return self._system
 
-
-
-
     # ---------------------------------------------------------------- the run
 
     def run(self) -> int:
@@ -517,7 +514,6 @@ class Chaos(ChaosRun):
         sent = {slot: keys.total() for slot, keys in self.pushed.items()}
         sent["router"] = sum(run.hostile for _, run in self.me_runs if run is not None)
         return {slot: n for slot, n in sorted(sent.items()) if n}
-
 
     # ---------------------------------------------------------------- the verdict
 

@@ -133,9 +133,6 @@ class ClusterChaos(ChaosRun):
         assert self._brokers is not None
         return self._brokers
 
-
-
-
     # ---------------------------------------------------------------- the run
 
     def run(self) -> int:

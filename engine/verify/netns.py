@@ -57,6 +57,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from engine.verify.servers import alive
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path("/run/settle-netns")  # one lock file per subnet in use: its owner's pid
 SUBNET_PREFIX = "10.213"  # LAN k is 10.213.k.0/24; not routed anywhere on this machine
@@ -85,16 +87,6 @@ def sh(*argv: str, check: bool = True, timeout: float = 30.0) -> subprocess.Comp
     if check and done.returncode != 0:
         raise NetnsError(f"{' '.join(argv)} exited with {done.returncode}: {done.stderr.strip()}")
     return done
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _namespaces() -> list[str]:
@@ -151,7 +143,7 @@ def _claim_subnet() -> int:
                 owner = int(lock.read_text().strip() or 0)
             except (FileNotFoundError, ValueError):
                 owner = 0
-            if owner and _pid_alive(owner):
+            if owner and alive(owner):
                 continue
             _remove_lan(index, names)
             lock.unlink(missing_ok=True)
