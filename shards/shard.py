@@ -356,9 +356,10 @@ class Shard(SettleStage):
                     if stopping and not wal.buffered:
                         return
                     continue
-                for _ in range(batch_max):  # messages, each of up to router.BATCH_FRAMES_MAX frames
-                    if wal.buffered >= batch_max:
-                        break
+                # At most batch_max frames before the loop looks up again: trades that do not reach the
+                # WAL buffer (duplicates, trades held past a gap) must not let one turn take a whole backlog.
+                taken = 0
+                while taken < batch_max and wal.buffered < batch_max:
                     try:
                         data = raw.recv(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
@@ -367,12 +368,14 @@ class Shard(SettleStage):
                         batch = wire.decode_batch(data, decoder, frame_decoder)
                     except wire.WireError as e:
                         quarantine.put("malformed", str(e), data)
+                        taken += 1
                         continue
                     for frame, reason in batch.rejected:
                         quarantine.put("malformed", reason, frame)
                     if not wal.buffered:
                         first_at = time.monotonic()
                     received.inc(self._accept_batch(batch.messages, batch.frames))
+                    taken += len(batch.messages) + len(batch.rejected)
         finally:
             quarantine.close()
             self._intake_done.set()
