@@ -26,6 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -305,6 +306,7 @@ class CassandraStore:
         self._session: Session | None = session
         self._st = statements
         self._in_flight = asyncio.Semaphore(config.requests_in_flight_max)
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassandra-send")
         self._known_buckets: set[tuple[str, int]] = set()  # ledger_buckets rows this object has written
 
     @classmethod
@@ -406,14 +408,18 @@ class CassandraStore:
             except RuntimeError:  # the loop is closed: nobody waits for this answer any more
                 pass
 
-        def on_rows(rows: list[Row]) -> None:  # driver thread
-            wake((rows, response.result().paging_state), None)
-
         def on_error(error: BaseException) -> None:  # driver thread
             wake(None, error)
 
-        response = session.execute_async(statement, paging_state=paging_state)
-        response.add_callbacks(on_rows, on_error)
+        def send() -> None:  # the store's sender thread: execute_async may wait (see _fan_out)
+            response = session.execute_async(statement, paging_state=paging_state)
+            response.add_callbacks(lambda rows: wake((rows, response.result().paging_state), None), on_error)
+
+        try:
+            sent = loop.run_in_executor(self._sender, send)
+        except RuntimeError as e:  # the store is closing: its sender is gone
+            raise ClosedError(f"{self._where}: the store is closed") from e
+        await sent
         return await self._answered(done, [time.monotonic()], "a request")
 
     async def _answered(self, fut: asyncio.Future[T], answered_at: list[float], what: str) -> T:
@@ -545,7 +551,14 @@ class CassandraStore:
                 response.add_callbacks(answered, errback=failed, callback_args=(statement, response),
                                        errback_args=(statement,))
 
-        pump(min(len(statements), self._config.requests_in_flight_max))
+        # The first sends go from the store's own thread, not the event loop: the driver's execute_async
+        # waits up to 2 s for a free stream of a connection that is being replaced (its requests timed out,
+        # the node is down or coming back), and on the loop that wait, once per statement, silenced the
+        # shard's heartbeat until the supervisor killed it as hung.
+        try:
+            loop.run_in_executor(self._sender, pump, min(len(statements), self._config.requests_in_flight_max))
+        except RuntimeError:  # the store is closing: its sender is gone
+            done.set_exception(ClosedError(f"{self._where}: the store is closed"))
         return done
 
     # ------------------------------------------------------------------------------------------ writes
@@ -668,6 +681,7 @@ class CassandraStore:
         if self._session is None:
             return
         self._session = None
+        self._sender.shutdown(wait=False)
         await asyncio.to_thread(self._cluster.shutdown)
 
 
