@@ -73,22 +73,32 @@ def demo_config(data_dir: Path, shards: int, store: str, base: dict[str, Any] | 
     raw.setdefault("engine", {}).update({"data_dir": str(data_dir)})
     if shards:
         raw["engine"]["shards"] = shards
-    raw.setdefault("me", {}).update({"publish": f"tcp://127.0.0.1:{free_port()}",
-                                     "replay": f"tcp://127.0.0.1:{free_port()}"})
+    # Each port is free when picked but bound only later, by its process: keep the picks apart from each
+    # other, or two of them (the supervisor's and a shard's metrics port) may come out the same.
+    taken: set[int] = set()
+
+    def pick() -> int:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        taken.add(port)
+        return port
+
+    raw.setdefault("me", {}).update({"publish": f"tcp://127.0.0.1:{pick()}", "replay": f"tcp://127.0.0.1:{pick()}"})
     raw.setdefault("store", {}).update({"kind": store})
     if store == "embedded":
         raw["store"]["path"] = str(data_dir / "settle.db")
     raw.setdefault("metrics", {}).update({
-        "supervisor_port": free_port(), "router_port": free_port(), "simulator_port": free_port(),
-        "shard_port_base": _free_port_range(configmod.from_dict(raw).shard_count),
+        "supervisor_port": pick(), "router_port": pick(), "simulator_port": pick(),
+        "shard_port_base": _free_port_range(configmod.from_dict(raw).shard_count, taken),
     })
     return raw
 
 
-def _free_port_range(count: int) -> int:
+def _free_port_range(count: int, taken: set[int] | None = None) -> int:
     for _ in range(50):
         base = free_port()
-        if base + count >= 65535:
+        if base + count >= 65535 or (taken and taken.intersection(range(base, base + count))):
             continue
         try:
             socks = []
