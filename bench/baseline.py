@@ -10,7 +10,7 @@
 - ``db.settle_trade_atomically``: one atomic write per trade holding the ledger row, the absolute
   position rows the trade changes and the symbol's watermark: on Cassandra a ``BEGIN BATCH ... APPLY
   BATCH`` LOGGED batch (``BatchType.LOGGED``), executed and awaited before the next trade; on the
-  embedded store one SQLite transaction (``synchronous = FULL``);
+  embedded store one SQLite transaction, synced (``EmbeddedStore.sync``);
 - ``wal.mark_committed``: the entry's status flips to ``Committed`` in memory (the note never rewrites
   the file; its recovery re-settles every line, which the idempotent writes make harmless).
 
@@ -133,6 +133,7 @@ class EmbeddedDb:
     async def settle_trade_atomically(self, trade: Trade) -> None:
         changed = await self.positions.fold(trade, self.store)
         await self.store.write(Batch([trade], changed, {trade.symbol: trade.seq}))
+        await self.store.sync()  # the design's transaction is durable before the trade is marked committed
 
     async def close(self) -> None:
         await self.store.close()

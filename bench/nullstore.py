@@ -32,6 +32,9 @@ class NullStore:
         self.batches += 1
         self.trades += len(batch.trades)
 
+    async def sync(self) -> None:
+        pass
+
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         pass
 

@@ -143,7 +143,7 @@ class Shard(SettleStage):
         for symbol, st in self.sequencer.symbols.items():
             if self.wal.last_seq(symbol) < st.settled:
                 self.wal.start_after(symbol, st.settled)  # a lost or new WAL continues at the store's watermark
-        self.wal.checkpoint({s: st.settled for s, st in self.sequencer.symbols.items()})
+        await self._checkpoint()
         self._publish_watermarks()
         self.m.recovered.inc(recovered)
         self.recovered_count = recovered
@@ -576,10 +576,19 @@ class Shard(SettleStage):
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL_S)
             self.lifeline.beat()
-            settled = {s: st.settled for s, st in self.sequencer.symbols.items()}
-            async with self._wal_lock:
-                await asyncio.get_running_loop().run_in_executor(None, self.wal.checkpoint, settled)
+            await self._checkpoint()
             self._publish_watermarks()
+
+    async def _checkpoint(self) -> None:
+        """Delete the WAL segments the store holds, once the store has made them durable: its commits are
+        visible at once but survive a power cut only after ``sync`` (the embedded store's SQLite)."""
+        assert self.wal is not None
+        assert self.store is not None
+        wal, store = self.wal, self.store
+        settled = {s: st.settled for s, st in self.sequencer.symbols.items()}  # before the sync: all written
+        await self._retry("make the store durable", store.sync)
+        async with self._wal_lock:
+            await asyncio.get_running_loop().run_in_executor(None, wal.checkpoint, settled)
 
     def _publish_watermarks(self) -> None:
         assert self.wal is not None

@@ -399,6 +399,18 @@ async def check_close_is_idempotent(open_store: OpenStore) -> None:
         assert await (await open_("main")).watermarks() == {"BTC-USDT": 1}
 
 
+async def check_a_write_is_visible_before_sync(open_store: OpenStore) -> None:
+    """Readers see a write as soon as it returns; ``sync`` (durability) is not needed for that."""
+    async with opened(open_store) as open_:
+        store, reader = await open_("main"), await open_("main")
+        batch = await settle(store, stream(SYMBOLS, 5, accounts=4, seed=71))
+        assert await reader.load_positions(list(batch.positions)) == batch.positions
+        assert await reader.watermarks() == batch.watermarks
+        await store.sync()
+        await store.sync()  # nothing new: still fine
+        assert await reader.watermarks() == batch.watermarks
+
+
 Check = Callable[[OpenStore], Coroutine[Any, Any, None]]
 
 CHECKS: list[Check] = [
@@ -412,6 +424,7 @@ CHECKS: list[Check] = [
     check_load_positions_returns_what_was_written,
     check_ledger_lists_seqs_in_order,
     check_close_is_idempotent,
+    check_a_write_is_visible_before_sync,
 ]
 
 

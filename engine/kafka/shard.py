@@ -169,6 +169,9 @@ class KafkaShard(SettleStage):
             if ready:
                 for i in range(0, len(ready), STORE_BATCH_TRADES_MAX):
                     await self._settle(ready[i:i + STORE_BATCH_TRADES_MAX])
+                # The offsets committed next let the topic forget these trades: they must be durable first.
+                assert self.store is not None
+                await self._retry("make the store durable", self.store.sync)
                 self._release_pending()
             if messages or ready:
                 self._commit(asynchronous=True)

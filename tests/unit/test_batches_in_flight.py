@@ -55,6 +55,9 @@ class OutOfOrderStore:
                 self.rows[key] = position
         self._advance(batch.watermarks)
 
+    async def sync(self) -> None:
+        pass
+
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         self._advance(watermarks)
 

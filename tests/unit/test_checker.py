@@ -40,6 +40,9 @@ class FakeStore:
         for symbol, seq in batch.watermarks.items():
             self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
 
+    async def sync(self) -> None:
+        pass
+
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         for symbol, seq in watermarks.items():
             self.marks[symbol] = max(seq, self.marks.get(symbol, 0))

@@ -50,6 +50,10 @@ class Store(Protocol):
     async def write(self, batch: Batch) -> None:
         """Ledger and positions, then watermarks. Idempotent; raises StoreUnavailable (retriable)."""
 
+    async def sync(self) -> None:
+        """Make every write acknowledged so far survive a power cut. A write is visible to readers when it
+        returns, durable only after this; the shard calls it before deleting WAL segments the store holds."""
+
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         """Move these symbols' watermarks up (never down), for batches written without theirs."""
 

@@ -580,6 +580,10 @@ class CassandraStore:
         # Only now: the watermark says the whole batch is in the store.
         await self.advance_watermarks(batch.watermarks)
 
+    async def sync(self) -> None:
+        """Nothing to do: an acknowledged write is as durable as the cluster's commit log makes it (every
+        replica's ``commitlog_sync``); the write's consistency level says how many replicas hold it."""
+
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         if self._session is None:
             raise ClosedError(f"{self._where}: the store is closed")

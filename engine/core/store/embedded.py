@@ -9,8 +9,12 @@ write waits at most ``busy_timeout_ms`` for another shard's write lock, then fai
 shard retries it with backoff, so the loop never stalls for long.
 
 A batch is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``) in WAL journal mode with
-``synchronous=FULL``: once :meth:`EmbeddedStore.write` returns, the batch survives a power cut, and the
-shard may delete the WAL segments that held it.
+``synchronous=NORMAL``: once :meth:`EmbeddedStore.write` returns the batch is visible to every reader,
+and a power cut can only take the last commits whole, never part of one (SQLite checksums its WAL
+frames). With ``FULL`` every commit also waited for an fsync on the shard's loop, the largest share of a
+trade's latency; the trades are already durable in the shard's WAL, so a commit need not be. They become
+durable at :meth:`EmbeddedStore.sync` (an fsync of SQLite's WAL file, off the loop), which the shard
+calls before it deletes WAL segments the store holds.
 
 Idempotence follows the contract in :mod:`engine.core.store.base`: ledger rows are ``INSERT OR IGNORE``,
 a position is replaced only by a write carrying a larger ``last_seq``, a watermark only moves up.
@@ -19,6 +23,9 @@ a position is replaced only by a write carrying a larger ``last_seq``, a waterma
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +71,18 @@ _UPSERT_WATERMARK: Final = (
 )
 
 
+@functools.cache
+def _select_positions(keys: int) -> str:
+    """The rows of ``keys`` keys, each found through the primary key. (``WHERE (account, asset, symbol) IN
+    (VALUES ...)`` scanned the whole table on every read: milliseconds per batch, growing with the store.)"""
+    values = ", ".join(["(?, ?, ?)"] * keys)
+    return (
+        f"WITH wanted(account, asset, symbol) AS (VALUES {values}) "
+        "SELECT p.account, p.asset, p.symbol, p.amount, p.last_seq FROM wanted CROSS JOIN positions AS p "
+        "ON p.account = wanted.account AND p.asset = wanted.asset AND p.symbol = wanted.symbol"
+    )
+
+
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +95,7 @@ def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
             raise StoreUnavailable(
                 f"embedded store {path}: could not switch to WAL journal mode (got {mode})"
             )
-        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # durable at sync(); see above
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA:
             conn.execute(statement)
@@ -155,6 +174,29 @@ class EmbeddedStore:
 
         await self._run(_transaction(write), threaded=len(ledger) > INLINE_TRADES_MAX)
 
+    async def sync(self) -> None:
+        path = self._path
+        if path == ":memory:":
+            return
+
+        def fsync_files(conn: sqlite3.Connection) -> None:
+            # fsync flushes a file's dirty pages whichever descriptor wrote them: SQLite's WAL holds every
+            # commit since the last checkpoint (which synced the database file itself, synchronous=NORMAL).
+            for name in (path + "-wal", path):
+                try:
+                    fd = os.open(name, os.O_RDONLY)
+                except FileNotFoundError:
+                    continue  # no WAL file: every commit is in the database file, synced by its checkpoint
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+        try:
+            await self._run(fsync_files, threaded=True)
+        except OSError as e:
+            raise StoreUnavailable(f"embedded store {path}: fsync failed: {e}") from e
+
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         marks = list(watermarks.items())
         await self._run(_transaction(lambda conn: conn.executemany(_UPSERT_WATERMARK, marks)))
@@ -166,12 +208,7 @@ class EmbeddedStore:
             out: dict[PositionKey, Position] = {}
             for start in range(0, len(wanted), _KEYS_PER_SELECT):
                 chunk = wanted[start : start + _KEYS_PER_SELECT]
-                values = ", ".join(["(?, ?, ?)"] * len(chunk))
-                rows = conn.execute(
-                    "SELECT account, asset, symbol, amount, last_seq FROM positions "
-                    f"WHERE (account, asset, symbol) IN (VALUES {values})",
-                    [part for key in chunk for part in key],
-                )
+                rows = conn.execute(_select_positions(len(chunk)), [part for key in chunk for part in key])
                 for account, asset, symbol, amount, last_seq in rows:
                     out[(account, asset, symbol)] = Position(amount, last_seq)
             return out
@@ -221,6 +258,9 @@ class EmbeddedStore:
         return await self._run(read)
 
     async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(StoreUnavailable):  # the shard's WAL still holds what is not durable
+                await self.sync()
         conn, self._conn = self._conn, None
         self._executor.shutdown(wait=True)  # a threaded write still running finishes first
         if conn is not None:
