@@ -78,11 +78,12 @@ def stage_rows(name: str, hists: dict[str, Histogram]) -> list[dict[str, Any]]:
 
 def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, store: str = "embedded",
                 cassandra: CassandraTarget | None = None, symbols: int = 16, accounts: int = 1000,
-                work_dir: Path | None = None) -> dict[str, Any]:
+                work_dir: Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Publish ``rate * seconds`` trades at ``rate`` with wall-clock stamps; the lag distribution and where
     its time went, stage by stage."""
     trades = max(1000, int(rate * seconds))
-    with Bench(name, shards=shards, store=store, cassandra=cassandra, work_dir=work_dir) as bench:
+    with Bench(name, shards=shards, store=store, cassandra=cassandra, work_dir=work_dir,
+               overrides=overrides) as bench:
         bench.start()
         progress = bench.progress
         assert progress is not None
@@ -112,13 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="publishing time at each rate")
     p.add_argument("--store", choices=["embedded", "cassandra"], default="embedded")
     p.add_argument("--cassandra-port", type=int, default=0, help="the Cassandra on 127.0.0.1:PORT (--store cassandra)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a configuration setting of the engine, e.g. wal.fsync_wait_us_max=500 (repeatable)")
     p.add_argument("--out", default=str(RESULTS / "latency.json"))
     args = p.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for setting in args.set:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            p.error(f"--set {setting!r}: expected KEY=VALUE")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     target = CassandraTarget("127.0.0.1", args.cassandra_port) if args.store == "cassandra" else None
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
         rows.append(run_latency(f"latency-{rate:.0f}", rate=rate, seconds=args.seconds, store=args.store,
-                                cassandra=target))
+                                cassandra=target, overrides=overrides))
         print(table([rows[-1]], ["name", "rate", "settled_per_s", "count", "p50_ms", "p99_ms", "p999_ms",
                                  "share_le_25ms", "verified"]), flush=True)
         print(table(rows[-1]["stages"], ["name", "stage", "count", "mean_ms", "p50_ms", "p99_ms"]), flush=True)

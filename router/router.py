@@ -33,7 +33,7 @@ from engine.core.quarantine import Quarantine
 FRAME_BYTES_MAX: Final = 64 * 1024
 DRAIN_BATCH: Final = 4096
 BATCH_FRAMES_MAX: Final = 1024
-# Well under the shards' group-commit window (wal.fsync_wait_us_max, 2 ms by default): a trade waits here
+# Well under the shards' group-commit window (wal.fsync_wait_us_max, 1 ms by default): a trade waits here
 # at most this long for others bound to the same shard while the ME's socket keeps the router busy.
 FLUSH_AFTER_S: Final = 0.0002
 FLUSH_CHECK_FRAMES: Final = 64  # how often a busy drain looks at the clock

@@ -349,9 +349,11 @@ class Shard(SettleStage):
                     self._intake_space.clear()
                     await self._intake_space.wait()
                     continue
-                timeout_ms = 100 if not wal.buffered else max(0, int((first_at + wait_s - time.monotonic()) * 1000))
+                # In float ms: rounded down to whole ms, the last millisecond of every group-commit window
+                # was spent polling with a timeout of 0, over and over, taking a core from the others.
+                timeout_ms = 100.0 if not wal.buffered else max(0.0, (first_at + wait_s - time.monotonic()) * 1000)
                 if stopping:
-                    timeout_ms = 50  # drain what is already queued, then stop
+                    timeout_ms = 50.0  # drain what is already queued, then stop
                 if not await self._wait_for_input(sock, raw, timeout_ms):
                     if stopping and not wal.buffered:
                         return
@@ -385,11 +387,11 @@ class Shard(SettleStage):
         self._replayed.append(trades)
         self._replay_delivered.set()
 
-    async def _wait_for_input(self, sock: zmq.asyncio.Socket, raw: zmq.Socket[bytes], timeout_ms: int) -> bool:
+    async def _wait_for_input(self, sock: zmq.asyncio.Socket, raw: zmq.Socket[bytes], timeout_ms: float) -> bool:
         """Whether a frame is ready, after waiting up to ``timeout_ms`` for one or for a replay delivery."""
         if int(raw.getsockopt(zmq.EVENTS)) & zmq.POLLIN:  # the busy path: no futures
             return True
-        if timeout_ms == 0 or self._replayed:
+        if timeout_ms <= 0 or self._replayed:
             return False
         self._replay_delivered.clear()
         polled = asyncio.ensure_future(sock.poll(timeout=timeout_ms))

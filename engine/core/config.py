@@ -54,7 +54,7 @@ class WalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     # How long a group commit stays open for more trades after its first. 0 fsyncs as soon as intake has
     # drained its queue; on a disk whose fdatasync slows down with their rate (measured here: 7 ms at 2,000
     # trades/s against 1.5 ms with the 2 ms window) fewer, larger fsyncs make every trade faster.
-    fsync_wait_us_max: Annotated[int, msgspec.Meta(ge=0)] = 2000
+    fsync_wait_us_max: Annotated[int, msgspec.Meta(ge=0)] = 1000
     segment_bytes_max: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
     pending_trades_max: PositiveInt = 500_000  # fsynced but not yet in the store; beyond it intake pauses
     gap_buffer_max: PositiveInt = 100_000  # trades held per symbol behind an open gap

@@ -37,7 +37,7 @@ class Backoff:
             raise ValueError(f"backoff needs 0 < first_s <= max_s, got first_s={first_s}, max_s={max_s}")
         self.first_s = first_s
         self.max_s = max_s
-        self._rng = rng or random.Random()
+        self._rng = rng  # made at the first wait: seeding from os.urandom is a syscall, and most never wait
         self._ceiling_s = first_s
 
     @property
@@ -47,6 +47,8 @@ class Backoff:
 
     def next_s(self) -> float:
         """The next wait, in seconds; each call doubles the ceiling of the following one, up to ``max_s``."""
+        if self._rng is None:
+            self._rng = random.Random()
         wait_s = self._rng.uniform(self.first_s, self._ceiling_s)
         self._ceiling_s = min(self.max_s, self._ceiling_s * 2)
         return wait_s

@@ -27,6 +27,7 @@ import argparse
 import bisect
 import collections
 import hashlib
+import math
 import random
 import signal
 import struct
@@ -502,7 +503,9 @@ class Simulator:
                 timeout_s = 0
             elif self._replays:
                 timeout_s = min(timeout_s, 0.001)  # a peer's queue is full: retry soon
-            poller.poll(max(0, min(int(timeout_s * 1000), 50)))
+            # Rounded up to whole ms (zmq_poll's unit): rounded down, every wait under 1 ms was a poll with
+            # a timeout of 0, over and over, and a paced simulator burnt a core.
+            poller.poll(max(0, min(math.ceil(timeout_s * 1000), 50)))
         if publishing:
             finished = time.monotonic()
         seconds = max(finished - started, 1e-9)
