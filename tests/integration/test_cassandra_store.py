@@ -22,10 +22,12 @@ from typing import Any
 
 import pytest
 from cassandra.cluster import ResponseFuture, Session
+from cassandra.query import BatchStatement
 
 from engine.core.config import CassandraConfig, ReplicationConfig
 from engine.core.errors import ConfigError, StoreRejected, StoreUnavailable
 from engine.core.settlement import Settler
+from engine.core.store import cassandra as cassandra_store
 from engine.core.store.base import Batch, Store
 from engine.core.store.cassandra import CassandraStore, migrate
 from tests import contract
@@ -95,6 +97,41 @@ LOGGED_CHECKS = [
 @pytest.mark.parametrize("check", LOGGED_CHECKS, ids=contract.check_id)
 def test_contract_logged_batches(check: contract.Check, cassandra_server: CassandraServer) -> None:
     asyncio.run(check(factory(cassandra_server, logged_batches=True)))
+
+
+@shared_server
+def test_positions_of_several_accounts_share_a_request(cassandra_server: CassandraServer) -> None:
+    """Accounts whose partitions have the same replicas go in one batch (a node alone holds them all), each
+    batch within the row and partition bounds, every position exactly once, and every value lands."""
+    trades = contract.stream(contract.SYMBOLS, 120, accounts=300, seed=9)
+
+    async def main() -> None:
+        store = await CassandraStore.open(config_for(cassandra_server, new_keyspace()), create_schema=True)
+        try:
+            batch = await contract.settle(store, trades)
+            requests = [_rows_of(statement) for statement in store._partition_batches(batch)]
+            position_requests = [rows for rows in requests if len(rows[0]) == POSITION_VALUES]
+            accounts = [len({values[0] for values in rows}) for rows in position_requests]
+            assert sum(len(rows) for rows in position_requests) == len(batch.positions)
+            assert 1 < max(accounts) <= cassandra_store.ACCOUNTS_PER_BATCH, accounts
+            assert max(len(rows) for rows in requests) <= cassandra_store.POSITIONS_PER_BATCH
+            assert len(position_requests) < len({key[0] for key in batch.positions}) / 3
+            assert await store.positions() == batch.positions
+            assert await contract.balances_of(store, range(301)) == contract.expected_balances(trades)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+POSITION_VALUES = 6  # account, asset, symbol, amount, last_seq and the write timestamp
+
+
+def _rows_of(statement: Any) -> list[list[bytes]]:
+    """The values (as sent) of each row a request writes: a batch's rows, or a lone statement's."""
+    if isinstance(statement, BatchStatement):
+        return [list(values) for _, _, values in statement._statements_and_parameters]
+    return [list(statement.values)]
 
 
 @shared_server
