@@ -10,36 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from engine.core import config as configmod
-from engine.core.store.base import Batch, Position, PositionKey
+from engine.core.store.base import Batch
 from shards import shard as shardmod
 from tests.factories import routed, trade
 from tests.inprocess import running_shard, wait_until
+from tests.memorystore import MemoryStore
 
 
-class OutOfOrderStore:
+class OutOfOrderStore(MemoryStore):
     """Writes sleep 0-15 ms first, so batches sent together finish in any order."""
 
     def __init__(self) -> None:
-        self.ledger: defaultdict[str, set[int]] = defaultdict(set)
-        self.rows: dict[PositionKey, Position] = {}
-        self.marks: dict[str, int] = {}
+        super().__init__()
         self.writing = 0
         self.most_writing = 0
         self.violations: list[str] = []
         self.random = random.Random(7)
 
-    def _advance(self, watermarks: dict[str, int]) -> None:
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
         for symbol, seq in watermarks.items():
-            missing = set(range(1, seq + 1)) - self.ledger[symbol]
+            missing = set(range(1, seq + 1)) - set(self.ledger_rows[symbol])
             if missing:
                 self.violations.append(f"{symbol} watermark {seq} passes unsettled {sorted(missing)[:5]}")
-            self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
+        await super().advance_watermarks(watermarks)
 
     async def write(self, batch: Batch) -> None:
         self.writing += 1
@@ -48,27 +46,7 @@ class OutOfOrderStore:
             await asyncio.sleep(self.random.uniform(0, 0.015))
         finally:
             self.writing -= 1
-        for t in batch.trades:
-            self.ledger[t.symbol].add(t.seq)
-        for key, position in batch.positions.items():
-            if position.last_seq > self.rows.get(key, Position(0, 0)).last_seq:
-                self.rows[key] = position
-        self._advance(batch.watermarks)
-
-    async def sync(self) -> None:
-        pass
-
-    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
-        self._advance(watermarks)
-
-    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
-        return {key: self.rows[key] for key in keys if key in self.rows}
-
-    async def watermarks(self) -> dict[str, int]:
-        return dict(self.marks)
-
-    async def close(self) -> None:
-        pass
+        await super().write(batch)
 
 
 def test_watermarks_never_pass_an_unsettled_trade_with_batches_in_flight(
@@ -91,4 +69,5 @@ def test_watermarks_never_pass_an_unsettled_trade_with_batches_in_flight(
     assert settled, store.marks
     assert store.violations == []
     assert store.most_writing > 1, "the batches were never in flight together"
-    assert {symbol: len(seqs) for symbol, seqs in store.ledger.items()} == dict.fromkeys(symbols, total // len(symbols))
+    settled_per_symbol = {symbol: len(seqs) for symbol, seqs in store.ledger_rows.items()}
+    assert settled_per_symbol == dict.fromkeys(symbols, total // len(symbols))

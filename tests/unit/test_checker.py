@@ -14,63 +14,15 @@ import pytest
 
 from engine.core.messages import Trade, encoder, split_symbol
 from engine.core.settlement import Settler, deltas
-from engine.core.store.base import Batch, Position, PositionKey
 from engine.sim.melog import MeLog, read_all
 from engine.sim.mesim import TradeGenerator, sim_config
 from engine.verify.checker import CheckReport, check, expected_balances
+from tests.memorystore import MemoryStore
 
 FEE = 0
 TRADES = 3000
 
 
-class FakeStore:
-    """The Store protocol in a few dicts, with the contract's idempotence rules."""
-
-    def __init__(self) -> None:
-        self.ledger_rows: dict[str, dict[int, int]] = defaultdict(dict)
-        self.rows: dict[PositionKey, Position] = {}
-        self.marks: dict[str, int] = {}
-
-    async def write(self, batch: Batch) -> None:
-        for trade in batch.trades:
-            self.ledger_rows[trade.symbol][trade.seq] = trade.trade_id
-        for key, position in batch.positions.items():
-            if position.last_seq > self.rows.get(key, Position(0, 0)).last_seq:
-                self.rows[key] = position
-        for symbol, seq in batch.watermarks.items():
-            self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
-
-    async def sync(self) -> None:
-        pass
-
-    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
-        for symbol, seq in watermarks.items():
-            self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
-
-    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
-        return {key: self.rows[key] for key in keys if key in self.rows}
-
-    async def watermarks(self) -> dict[str, int]:
-        return dict(self.marks)
-
-    async def balances(self, account: int) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for (holder, asset, _), position in self.rows.items():
-            if holder == account:
-                out[asset] += position.amount
-        return dict(out)
-
-    async def positions(self) -> dict[PositionKey, Position]:
-        return dict(self.rows)
-
-    async def ledger(self, symbol: str) -> list[tuple[int, int]]:
-        return sorted(self.ledger_rows.get(symbol, {}).items())
-
-    async def ledger_symbols(self) -> list[str]:
-        return sorted(set(self.ledger_rows) | set(self.marks))
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +36,9 @@ def log(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Trade]]:
     return path, list(read_all(path))
 
 
-def settle(trades: list[Trade], batch_trades: int = 250) -> FakeStore:
-    async def go() -> FakeStore:
-        store = FakeStore()
+def settle(trades: list[Trade], batch_trades: int = 250) -> MemoryStore:
+    async def go() -> MemoryStore:
+        store = MemoryStore()
         settler = Settler(store, FEE)
         for start in range(0, len(trades), batch_trades):
             await store.write(await settler.prepare(trades[start : start + batch_trades]))
@@ -95,7 +47,7 @@ def settle(trades: list[Trade], batch_trades: int = 250) -> FakeStore:
     return asyncio.run(go())
 
 
-def run_check(path: str, store: FakeStore, expect_complete: bool = True) -> CheckReport:
+def run_check(path: str, store: MemoryStore, expect_complete: bool = True) -> CheckReport:
     return asyncio.run(check(path, store, FEE, expect_complete=expect_complete))
 
 

@@ -50,13 +50,31 @@ def test_a_shard_waits_out_its_group_commit_window(tmp_path: Path, monkeypatch: 
     config = configmod.load(None, [f'engine.data_dir="{tmp_path}"', f'store.path="{tmp_path}/settle.db"',
                                    "engine.shards=1", "metrics.enabled=false",
                                    "wal.fsync_wait_us_max=100000"])  # 100 ms after the first trade
+    bursts, burst = 5, 4
     with running_shard(config, tmp_path) as (shard, push):
-        for seq in range(1, 6):
-            push.send(routed(trade("BTC-USDT", seq=seq, output_sequence=seq)))
+        for first in range(1, bursts * burst, burst):
+            # Messages closer together than the window hold the group commit open for it.
+            for seq in range(first, first + burst):
+                push.send(routed(trade("BTC-USDT", seq=seq, output_sequence=seq)))
 
-            def settled(seq: int = seq) -> bool:
-                return shard.sequencer.state("BTC-USDT").settled == seq
+            def settled(last: int = first + burst - 1) -> bool:
+                return shard.sequencer.state("BTC-USDT").settled == last
 
             assert wait_until(settled, 10)
-    # A few waits per window (each frame that arrives ends one); polling with 0 ms made hundreds.
-    assert calls <= 5 * 5, f"{calls} waits over 5 group-commit windows"
+    # A few waits per window (each message that arrives ends one); polling with 0 ms made hundreds.
+    assert 0 < calls <= bursts * 2 * burst, f"{calls} waits over {bursts} group-commit windows"
+
+
+def test_a_group_commit_is_held_open_only_while_messages_come_faster_than_its_window() -> None:
+    hold = shardmod.CommitHold(0.001)
+    assert hold.hold_s == 0  # nothing known yet: commit at once
+    now = 100.0
+    for _ in range(20):  # 0.2 ms apart: more will come within the window
+        now += 0.0002
+        hold.arrived(now)
+    assert hold.hold_s == 0.001
+    for _ in range(20):  # 5 ms apart: the next one comes after the window anyway
+        now += 0.005
+        hold.arrived(now)
+    assert hold.hold_s == 0
+    assert shardmod.CommitHold(0.0).hold_s == 0

@@ -7,55 +7,39 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.core import config as configmod
 from engine.core.store import embedded
-from engine.core.store.base import Batch, Position, PositionKey
+from engine.core.store.base import Batch
 from engine.core.store.embedded import EmbeddedStore
 from engine.core.wal import ShardWal
 from shards import shard as shardmod
 from tests import contract
 from tests.factories import routed, trade
 from tests.inprocess import running_shard, wait_until
+from tests.memorystore import MemoryStore
 
 
-class VolatileStore:
+class VolatileStore(MemoryStore):
     """What a write makes visible, only ``sync`` makes durable (SQLite with ``synchronous=NORMAL``)."""
 
     def __init__(self) -> None:
-        self.rows: dict[PositionKey, Position] = {}
-        self.marks: dict[str, int] = {}  # visible
-        self.durable: dict[str, int] = {}  # what a power cut would leave
+        super().__init__()
+        self.durable: dict[str, int] = {}  # the watermarks a power cut would leave
         self.syncs = 0
         self.random = random.Random(3)
-
-    async def write(self, batch: Batch) -> None:
-        for key, position in batch.positions.items():
-            if position.last_seq > self.rows.get(key, Position(0, 0)).last_seq:
-                self.rows[key] = position
-        await self.advance_watermarks(batch.watermarks)
 
     async def sync(self) -> None:
         marks = dict(self.marks)  # what is written when the sync starts
         await asyncio.sleep(self.random.uniform(0, 0.01))
         self.durable.update(marks)
         self.syncs += 1
-
-    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
-        for symbol, seq in watermarks.items():
-            self.marks[symbol] = max(seq, self.marks.get(symbol, 0))
-
-    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
-        return {key: self.rows[key] for key in keys if key in self.rows}
-
-    async def watermarks(self) -> dict[str, int]:
-        return dict(self.marks)
-
-    async def close(self) -> None:
-        pass
 
 
 def test_wal_segments_are_deleted_only_once_the_store_made_their_trades_durable(
@@ -94,10 +78,16 @@ def test_wal_segments_are_deleted_only_once_the_store_made_their_trades_durable(
     assert store.syncs > 0
 
 
-def test_the_embedded_stores_sync_fsyncs_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_embedded_stores_sync_fsyncs_its_wal_and_never_touches_the_database_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = str(tmp_path / "settle.db")
+    opened: list[str] = []
     synced: list[str] = []
-    real_fsync = os.fsync
+    real_open, real_fsync = os.open, os.fsync
+
+    def recording_open(name: str, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(name))
+        return real_open(name, *args, **kwargs)
 
     def recording_fsync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
@@ -107,14 +97,53 @@ def test_the_embedded_stores_sync_fsyncs_its_files(tmp_path: Path, monkeypatch: 
         store = await EmbeddedStore.open(path)
         try:
             await store.write(Batch([contract.trade("BTC-USDT", 1, 1, 2)], {}, {"BTC-USDT": 1}))
+            monkeypatch.setattr(os, "open", recording_open)
             monkeypatch.setattr(os, "fsync", recording_fsync)
             await store.sync()
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    asyncio.run(main())
+    assert synced == [path + "-wal"]  # every commit since the last checkpoint is in SQLite's WAL
+    assert path not in opened, "closing a descriptor of the database file drops SQLite's locks on it"
+
+
+READ_WATERMARKS = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+print(dict(conn.execute("SELECT symbol, seq FROM watermarks").fetchall()).get("BTC-USDT", 0))
+conn.close()
+"""
+
+
+def test_a_sync_keeps_the_stores_locks_so_another_process_never_deletes_its_wal(tmp_path: Path) -> None:
+    """Another process (``settle balances``, the checker) that opens and closes the store after a sync must
+    still see every later write: with the shard's locks dropped it took SQLite's WAL for unused and
+    deleted it, and the shard went on writing into the deleted file."""
+    path = str(tmp_path / "settle.db")
+
+    def watermark_seen_by_another_process() -> int:
+        out = subprocess.run([sys.executable, "-c", READ_WATERMARKS, path], capture_output=True, text=True,
+                             check=True, timeout=30)
+        return int(out.stdout)
+
+    async def write(store: EmbeddedStore, seq: int) -> None:
+        await store.write(Batch([contract.trade("BTC-USDT", seq, 1, 2)], {}, {"BTC-USDT": seq}))
+
+    async def main() -> None:
+        store = await EmbeddedStore.open(path)
+        try:
+            await write(store, 1)
+            await store.sync()
+            assert watermark_seen_by_another_process() == 1
+            await write(store, 2)
+            assert watermark_seen_by_another_process() == 2
+            assert Path(path + "-wal").exists()  # noqa: ASYNC240 - a test, checked once
         finally:
             await store.close()
 
     asyncio.run(main())
-    assert path + "-wal" in synced, synced  # every commit since the last checkpoint is in SQLite's WAL
-    assert path in synced, synced
 
 
 def test_reading_positions_finds_each_row_by_its_key() -> None:

@@ -179,21 +179,23 @@ class EmbeddedStore:
         if path == ":memory:":
             return
 
-        def fsync_files(conn: sqlite3.Connection) -> None:
-            # fsync flushes a file's dirty pages whichever descriptor wrote them: SQLite's WAL holds every
-            # commit since the last checkpoint (which synced the database file itself, synchronous=NORMAL).
-            for name in (path + "-wal", path):
-                try:
-                    fd = os.open(name, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue  # no WAL file: every commit is in the database file, synced by its checkpoint
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        def fsync_wal(conn: sqlite3.Connection) -> None:
+            # fsync flushes a file's dirty pages whichever descriptor wrote them. SQLite's WAL file holds
+            # every commit since the last complete checkpoint, which synced the database file itself
+            # (synchronous=NORMAL) before the WAL could start over. Never open the database file here:
+            # closing any descriptor of it drops this process's POSIX locks on it, and another process
+            # closing its connection would then take the WAL for unused and delete it from under us.
+            try:
+                fd = os.open(path + "-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return  # no WAL file: every commit is in the database file, synced by its checkpoint
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
         try:
-            await self._run(fsync_files, threaded=True)
+            await self._run(fsync_wal, threaded=True)
         except OSError as e:
             raise StoreUnavailable(f"embedded store {path}: fsync failed: {e}") from e
 
