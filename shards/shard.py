@@ -5,9 +5,8 @@ Three stages run on one event loop, each bounded:
 1. **intake** drains the PULL socket, drops duplicates, holds trades past a gap, and appends the rest to
    the WAL buffer;
 2. **group commit** writes the buffered records and fdatasyncs each dirty WAL once, when
-   ``batch_trades_max`` trades are buffered or ``fsync_wait_us_max`` has passed since the first one;
-   on a stream quieter than that window (:class:`CommitHold`), or with 0, as soon as intake has drained
-   its queue;
+   ``batch_trades_max`` trades are buffered or ``fsync_wait_us_max`` has passed since the first one
+   (0: as soon as intake has drained its queue);
 3. **settle** hands fsynced trades to the store, in batches, and advances the watermarks; WAL segments
    the store already holds are deleted.
 
@@ -58,30 +57,6 @@ from shards.settling import RETRY_BACKOFF_S_MAX, SettleStage
 from shards.state import Sequencer
 
 STORE_BATCH_TRADES_MAX: Final = 20_000
-
-
-class CommitHold:
-    """How long a group commit stays open after its first trade: up to ``window_s`` while messages arrive
-    closer together than that, so that more share its fdatasync; 0 on a quieter stream, where the next
-    message would come after the window anyway and waiting would only add to every trade's latency."""
-
-    SMOOTHING: Final = 0.2  # weight of the newest gap in the moving average
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._gap_s: float | None = None  # moving average of the gaps between messages
-        self._last = 0.0
-
-    def arrived(self, now: float) -> None:
-        """A message came at ``now`` (``time.monotonic()``)."""
-        if self._last:
-            gap = now - self._last
-            self._gap_s = gap if self._gap_s is None else self._gap_s + self.SMOOTHING * (gap - self._gap_s)
-        self._last = now
-
-    @property
-    def hold_s(self) -> float:
-        return self.window_s if self._gap_s is not None and self._gap_s < self.window_s else 0.0
 
 
 @dataclass(slots=True)
@@ -353,14 +328,13 @@ class Shard(SettleStage):
         frame_decoder = stream_decoder()
         quarantine = Quarantine(self.config.quarantine_path, f"shard-{self.shard}", self.m.quarantined)
         batch_max = cfg.batch_trades_max
-        hold = CommitHold(cfg.fsync_wait_us_max / 1e6)
+        wait_s = cfg.fsync_wait_us_max / 1e6
         pending_max = cfg.pending_trades_max
         received = self.m.received
         first_at = 0.0
         try:
             while True:
                 stopping = self._stopping.is_set()
-                wait_s = hold.hold_s
                 if wal.buffered and (wal.buffered >= batch_max or time.monotonic() - first_at >= wait_s or stopping):
                     await self._group_commit()
                 while self._replayed:
@@ -400,10 +374,8 @@ class Shard(SettleStage):
                         continue
                     for frame, reason in batch.rejected:
                         quarantine.put("malformed", reason, frame)
-                    now = time.monotonic()
-                    hold.arrived(now)
                     if not wal.buffered:
-                        first_at = now
+                        first_at = time.monotonic()
                     received.inc(self._accept_batch(batch.messages, batch.frames))
                     taken += len(batch.messages) + len(batch.rejected)
         finally:

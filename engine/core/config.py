@@ -51,11 +51,10 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
 
 class WalConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     batch_trades_max: PositiveInt = 4096
-    # How long a group commit stays open for more trades after its first, while messages come closer
-    # together than that (shards.shard.CommitHold). 0 fsyncs as soon as intake has drained its queue. On a
-    # disk whose fdatasync slows down with their rate, fewer and larger fsyncs make every trade faster
-    # (measured here, bench.latency: 0 had the best p50 at 2,000 trades/s but a p99 of 50 ms at 5,000;
-    # 1 ms had p50/p99 3.6-4.0/13 ms and 6.4-7.7/19 ms; 2 ms 4.8-5.0/23-34 and 7.2-7.4/20).
+    # How long a group commit stays open for more trades after its first. 0 fsyncs as soon as intake has
+    # drained its queue. On a disk whose fdatasync slows down with their rate, fewer and larger fsyncs make
+    # every trade faster (measured here, bench.latency: 0 had the best p50 at 2,000 trades/s but a p99 of
+    # 50 ms at 5,000; 1 ms had p50/p99 3.6-4.0/13 ms and 6.4-7.7/19 ms; 2 ms 4.8-5.0/23-34 and 7.2-7.4/20).
     fsync_wait_us_max: Annotated[int, msgspec.Meta(ge=0)] = 1000
     segment_bytes_max: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 20
     pending_trades_max: PositiveInt = 500_000  # fsynced but not yet in the store; beyond it intake pauses

@@ -63,18 +63,3 @@ def test_a_shard_waits_out_its_group_commit_window(tmp_path: Path, monkeypatch: 
             assert wait_until(settled, 10)
     # A few waits per window (each message that arrives ends one); polling with 0 ms made hundreds.
     assert 0 < calls <= bursts * 2 * burst, f"{calls} waits over {bursts} group-commit windows"
-
-
-def test_a_group_commit_is_held_open_only_while_messages_come_faster_than_its_window() -> None:
-    hold = shardmod.CommitHold(0.001)
-    assert hold.hold_s == 0  # nothing known yet: commit at once
-    now = 100.0
-    for _ in range(20):  # 0.2 ms apart: more will come within the window
-        now += 0.0002
-        hold.arrived(now)
-    assert hold.hold_s == 0.001
-    for _ in range(20):  # 5 ms apart: the next one comes after the window anyway
-        now += 0.005
-        hold.arrived(now)
-    assert hold.hold_s == 0
-    assert shardmod.CommitHold(0.0).hold_s == 0
