@@ -13,7 +13,22 @@ from typing import NoReturn
 
 import pytest
 
+from engine.verify.demo import PORT_RANGE_ENV, port_range, port_slice
 from tests.servers.cassandra import CassandraServer, CassandraServerError
+
+
+def _worker_port_range() -> None:
+    """Give each xdist worker its own slice of the ports below the ephemeral range. A port is free when
+    picked and bound later by its process; without slices, a worker's pick could meanwhile be bound by
+    another worker's server (a Cassandra node restarting on the port it had before, say)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()) or PORT_RANGE_ENV in os.environ:
+        return
+    low, high = port_slice(int(worker[2:]), int(count), port_range())
+    os.environ[PORT_RANGE_ENV] = f"{low}-{high}"
+
+
+_worker_port_range()
 
 
 def pytest_configure(config: pytest.Config) -> None:

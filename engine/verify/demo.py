@@ -31,6 +31,7 @@ POLL_S = 1.0
 
 
 PORTS_LOW: Final = 10_000  # free_port() picks from here up to the kernel's ephemeral range
+PORT_RANGE_ENV: Final = "SETTLE_PORT_RANGE"  # "LOW-HIGH": pick free ports in this range only (HIGH excluded)
 
 
 def _ephemeral_low() -> int:
@@ -39,6 +40,28 @@ def _ephemeral_low() -> int:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
+
+
+def port_range() -> tuple[int, int]:
+    """Where free ports are picked: ``SETTLE_PORT_RANGE`` when set, so that processes picking side by side
+    (a port is free when picked but bound only later, by its process) can be given disjoint ranges; else
+    from PORTS_LOW up to the kernel's ephemeral range."""
+    given = os.environ.get(PORT_RANGE_ENV)
+    if given:
+        try:
+            low, high = (int(part) for part in given.split("-"))
+        except ValueError:
+            raise ValueError(f"{PORT_RANGE_ENV}={given!r}: expected LOW-HIGH, e.g. 10000-15000") from None
+        if not 1024 <= low < high <= 65536:
+            raise ValueError(f"{PORT_RANGE_ENV}={given!r}: expected 1024 <= LOW < HIGH <= 65536")
+        return low, high
+    return PORTS_LOW, _ephemeral_low()
+
+
+def port_slice(index: int, count: int, whole: tuple[int, int]) -> tuple[int, int]:
+    """Slice INDEX of COUNT equal, disjoint slices of the port range WHOLE (one per process picking)."""
+    width = (whole[1] - whole[0]) // count
+    return whole[0] + index * width, whole[0] + (index + 1) * width
 
 
 def _bindable(port: int, host: str = "127.0.0.1") -> bool:
@@ -51,14 +74,15 @@ def _bindable(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free port of ``host`` below the kernel's ephemeral range. The port is only bound later, by the
-    process it is for; a port from the ephemeral range (what binding port 0 gives) could meanwhile become
-    the local end of any outgoing connection on the machine, or of a client's own connect to it while the
-    server is not up yet (TCP connects to itself), and the server's bind would fail: address in use."""
-    low = _ephemeral_low()
-    if low > PORTS_LOW + 1000:
+    """A free port of ``host`` in ``port_range()``, below the kernel's ephemeral range. The port is only
+    bound later, by the process it is for; a port from the ephemeral range (what binding port 0 gives)
+    could meanwhile become the local end of any outgoing connection on the machine, or of a client's own
+    connect to it while the server is not up yet (TCP connects to itself), and the server's bind would
+    fail: address in use."""
+    low, high = port_range()
+    if high > low + 100:
         for _ in range(1000):
-            port = random.randrange(PORTS_LOW, low)
+            port = random.randrange(low, high)
             if _bindable(port, host):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an odd port range: the kernel's pick

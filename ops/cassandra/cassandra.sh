@@ -42,6 +42,7 @@
 #
 # Environment:
 #   SETTLE_CACHE              cache root (default <repo>/.cache); jars go to $SETTLE_CACHE/cassandra/lib
+#   SETTLE_PORT_RANGE         LOW-HIGH: pick free ports in this range (default 10000 up to the ephemeral range)
 #   CASSANDRA_VERSION         cassandra-all version (default: first of 5.0.9 5.0.8 ... 5.0.4 that resolves)
 #   CASSANDRA_HEAP            -Xmx (default 1g; -Xms is 256m)
 #   CASSANDRA_START_TIMEOUT   seconds to wait for CQL (default 180)

@@ -38,6 +38,7 @@
 #
 # Environment:
 #   SETTLE_CACHE           cache root (default <repo>/.cache); jars go to $SETTLE_CACHE/kafka/lib
+#   SETTLE_PORT_RANGE      LOW-HIGH: pick free ports in this range (default 10000 up to the ephemeral range)
 #   KAFKA_VERSION          kafka_2.13 version (default: first of 4.4.0 4.3.1 4.2.0 4.1.1 4.0.2 that resolves)
 #   KAFKA_HEAP             -Xmx (default 512m; -Xms is 64m)
 #   KAFKA_START_TIMEOUT    seconds to wait until the broker answers (default 120)

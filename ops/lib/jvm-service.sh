@@ -143,23 +143,26 @@ finally:
 EOF
 }
 
-free_ports() {  # print N distinct free ports of $HOST, below the kernel's ephemeral range
+free_ports() {  # print N distinct free ports of $HOST, below the kernel's ephemeral range (or in SETTLE_PORT_RANGE)
     # A port from the ephemeral range (what binding port 0 gives) can become the local end of an outgoing
     # connection: a client reconnecting to a killed server's port connects to itself on it (TCP
     # simultaneous open) and holds it, and the server's restart on that port fails: address in use.
     "$PYTHON" - "$1" "$HOST" <<'EOF'
-import random, socket, sys
+import os, random, socket, sys
 try:
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    high = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 except (OSError, ValueError, IndexError):
-    low = 32768
+    high = 32768
+low = 10000
+if os.environ.get("SETTLE_PORT_RANGE"):  # LOW-HIGH: the range this process may pick from (see free_port)
+    low, high = (int(part) for part in os.environ["SETTLE_PORT_RANGE"].split("-"))
 socks = []
 for _ in range(int(sys.argv[1])):
     for _ in range(1000):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((sys.argv[2], random.randrange(10000, low) if low > 11000 else 0))
+            s.bind((sys.argv[2], random.randrange(low, high) if high > low + 100 else 0))
         except OSError:
             s.close()
             continue
