@@ -99,14 +99,14 @@ async def bench_cassandra(config: CassandraConfig, batches: list[Batch]) -> floa
 
 async def bench_raw(config: CassandraConfig, batches: list[Batch], concurrency: int, *, grouped: bool) -> float:
     """The driver alone on the same rows: single-row statements, or (``grouped``) exactly the
-    single-partition batches the store sends; statements are built before the clock starts."""
+    batches the store sends (watermarks included); statements are built before the clock starts."""
     store = await CassandraStore.open(config, create_schema=True)
     try:
         session, st = store._session, store._st
         statements: list[tuple[Any, Any]] = []
         for batch in batches:
             if grouped:
-                statements.extend((statement, None) for statement in store._partition_batches(batch))
+                statements.extend((statement, None) for statement in store._partition_batches(batch, batch.watermarks))
                 continue
             for t in batch.trades:
                 bucket = ledger_bucket(t.seq)

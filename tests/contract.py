@@ -405,10 +405,24 @@ async def check_a_write_is_visible_before_sync(open_store: OpenStore) -> None:
         store, reader = await open_("main"), await open_("main")
         batch = await settle(store, stream(SYMBOLS, 5, accounts=4, seed=71))
         assert await reader.load_positions(list(batch.positions)) == batch.positions
+        await store.sync()  # the batch's watermarks may wait for it (or for the next write)
         assert await reader.watermarks() == batch.watermarks
-        await store.sync()
         await store.sync()  # nothing new: still fine
         assert await reader.watermarks() == batch.watermarks
+
+
+async def check_watermarks_reach_readers_with_the_next_write_or_sync(open_store: OpenStore) -> None:
+    """A write's watermarks may wait for the next write or ``sync``, never longer; then every reader sees
+    them, and a watermark never covers a batch still being written."""
+    async with opened(open_store) as open_:
+        store, reader = await open_("main"), await open_("main")
+        await store.write(Batch([trade("BTC-USDT", 1, 1, 2)], {}, {"BTC-USDT": 1}))
+        await store.write(Batch([trade("BTC-USDT", 2, 1, 2), trade("ETH-USDT", 7, 1, 2)], {},
+                                {"BTC-USDT": 2, "ETH-USDT": 7}))
+        assert (await reader.watermarks()).get("BTC-USDT", 0) >= 1
+        await store.advance_watermarks({"BTC-USDT": 3})  # a batch written without its watermarks
+        await store.sync()
+        assert await reader.watermarks() == {"BTC-USDT": 3, "ETH-USDT": 7}
 
 
 Check = Callable[[OpenStore], Coroutine[Any, Any, None]]
@@ -425,6 +439,7 @@ CHECKS: list[Check] = [
     check_ledger_lists_seqs_in_order,
     check_close_is_idempotent,
     check_a_write_is_visible_before_sync,
+    check_watermarks_reach_readers_with_the_next_write_or_sync,
 ]
 
 

@@ -11,7 +11,9 @@ the state of applying it once:
   holds a larger one, so a replay can never overwrite newer state. An account's balance of an asset is
   the sum of its positions over symbols (one partition: the account).
 - **watermarks**: per symbol, the highest sequence whose whole batch the store holds. Written only after
-  the batch's ledger and position writes are acknowledged; it never moves backwards.
+  the batch's ledger and position writes are acknowledged; it never moves backwards. It may lag the rows
+  until the next write or ``sync`` (a store whose watermarks cost a round trip of their own sends them
+  with the next write's rows).
 """
 
 from __future__ import annotations
@@ -48,14 +50,17 @@ class Store(Protocol):
     """What a shard, the CLI and the checker need from a store. All methods are coroutines."""
 
     async def write(self, batch: Batch) -> None:
-        """Ledger and positions, then watermarks. Idempotent; raises StoreUnavailable (retriable)."""
+        """Ledger and positions, visible when it returns; the batch's watermarks then, or at the latest
+        with the next write or ``sync``. Idempotent; raises StoreUnavailable (retriable)."""
 
     async def sync(self) -> None:
-        """Make every write acknowledged so far survive a power cut. A write is visible to readers when it
-        returns, durable only after this; the shard calls it before deleting WAL segments the store holds."""
+        """Make every write acknowledged so far, watermarks included, survive a power cut. A write is visible
+        to readers when it returns, durable only after this; the shard calls it before deleting WAL
+        segments the store holds."""
 
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
-        """Move these symbols' watermarks up (never down), for batches written without theirs."""
+        """Move these symbols' watermarks up (never down), for batches written without theirs; like a
+        write's, they may wait for the next write or ``sync``."""
 
     async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
         """Current rows for these keys; absent keys are left out."""

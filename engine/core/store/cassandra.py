@@ -18,6 +18,7 @@ own retry loop takes over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -43,7 +44,14 @@ from cassandra import (
     Unavailable,
 )
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
 from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
@@ -69,14 +77,18 @@ RETRY_DELAY_S_MAX: Final = 2.0
 SCHEMA_TIMEOUT_S_MIN: Final = 30.0
 PAGE_ROWS: Final = 5000
 IN_VALUES_MAX: Final = 100  # ScyllaDB refuses larger IN lists on clustering keys by default
-# Rows per single-partition UNLOGGED batch: keeps each batch under Cassandra's 5 KiB
-# batch_size_warn_threshold (ScyllaDB's default threshold is 128 KiB).
-LEDGER_ROWS_PER_BATCH: Final = 16
-POSITIONS_PER_BATCH: Final = 32
-# Accounts (partitions) per UNLOGGED batch of positions, all with the same replicas: one request instead of
-# one each roughly halves the server's CPU per row (bench.store_write). Cassandra warns above 10
-# (unlogged_batch_across_partitions_warn_threshold).
-ACCOUNTS_PER_BATCH: Final = 10
+# A write's rows go in UNLOGGED batches of at most ROWS_PER_BATCH position or watermark rows, a ledger row
+# counting as LEDGER_ROW_WEIGHT of them (it is about twice their size): each batch stays under Cassandra's
+# 5 KiB batch_size_warn_threshold (ScyllaDB's default threshold is 128 KiB).
+ROWS_PER_BATCH: Final = 32
+LEDGER_ROW_WEIGHT: Final = 2
+# Partitions per UNLOGGED batch, all with the same replicas: one request instead of one each roughly halves
+# the server's CPU per row (bench.store_write), and the driver's CPU per request is most of a shard's.
+# Cassandra warns above 10 (unlogged_batch_across_partitions_warn_threshold).
+PARTITIONS_PER_BATCH: Final = 10
+# Watermarks due go out with the next write's rows; with no write this long after them, they go alone, so
+# readers of the store (status, audits) see a quiet stream's last batch settled within milliseconds.
+MARKS_ALONE_AFTER_S: Final = 0.005
 LOGGED_TRADES_PER_BATCH: Final = 4  # logged mode: trades (with the positions they finish) per LOGGED batch
 
 # Errors a later attempt may not see: the server is slow, down, restarting or overloaded. The driver's own
@@ -280,6 +292,46 @@ def _describe(error: BaseException) -> str:
 
 _ACCOUNT_KEY: Final = struct.Struct(">q")  # a positions partition key (account bigint), as the driver routes it
 
+Rows = list[tuple[PreparedStatement, Row]]
+PartitionKey = int | str | tuple[str, int]  # an account (positions), a symbol (watermarks), a ledger bucket
+
+
+def _routing_key(key: PartitionKey) -> bytes:
+    """A partition key serialised as the driver routes it (a composite key: each part length-prefixed)."""
+    if isinstance(key, int):
+        return _ACCOUNT_KEY.pack(key)
+    if isinstance(key, str):
+        return key.encode()
+    symbol = key[0].encode()
+    return b"".join((struct.pack(">H", len(symbol)), symbol, b"\0", struct.pack(">H", 8), _ACCOUNT_KEY.pack(key[1]),
+                     b"\0"))
+
+
+def _shared_batches(partitions: Iterable[tuple[tuple[str, ...], Rows, int]]) -> list[Statement]:
+    """UNLOGGED batches within ROWS_PER_BATCH and PARTITIONS_PER_BATCH, each holding partitions with the same
+    replicas (``partitions``: each one's replicas, rows, and the weight of one of its rows): the coordinator,
+    a replica by the first partition's token, applies them as it would one partition's. A large partition's
+    rows go in chunks of their own."""
+    out: list[Statement] = []
+    filling: dict[tuple[str, ...], tuple[Rows, list[int]]] = {}  # replicas -> rows, [weight, partitions]
+    for replicas, rows, weight in partitions:
+        size = len(rows) * weight
+        if size > ROWS_PER_BATCH // 2:
+            out.extend(_chunks(rows, ROWS_PER_BATCH // weight))
+            continue
+        pending = filling.get(replicas)
+        if pending is not None and (pending[1][0] + size > ROWS_PER_BATCH or pending[1][1] == PARTITIONS_PER_BATCH):
+            out.extend(_chunks(pending[0], len(pending[0])))
+            pending = None
+        if pending is None:
+            pending = filling[replicas] = ([], [0, 0])
+        pending[0].extend(rows)
+        pending[1][0] += size
+        pending[1][1] += 1
+    for rows, _ in filling.values():
+        out.extend(_chunks(rows, len(rows)))
+    return out
+
 
 def _chunks(items: Sequence[tuple[PreparedStatement, Row]], size: int) -> Iterable[Statement]:
     """UNLOGGED batches of at most ``size`` rows (a lone row goes as itself)."""
@@ -300,6 +352,91 @@ def _batch(kind: Any, rows: Iterable[tuple[PreparedStatement, Row]]) -> BatchSta
     return batch
 
 
+def _forget(response: ResponseFuture) -> None:
+    """Break an answered request's reference cycles: it is in its own callbacks' arguments, and the driver's
+    request keeps its (cancelled) timeout timer, whose callback is the request's own method."""
+    response.clear_callbacks()
+    response._timer = None
+
+
+class _FanOut:
+    """Statements sent with a bounded number outstanding, each answer sending the next from the driver's own
+    thread (as the driver's ``execute_concurrent`` does), the event loop woken once, when all have answered:
+    per request no future, no task and no loop wake-up, which cost more than the request itself (a write
+    runs at about twice the rows/s).
+
+    An object, not closures, and no callback holding its own request: closures calling each other and a
+    request in its own callback's arguments are reference cycles, which only the cyclic collector frees;
+    at dozens of objects per request its collections stalled the shard's loop for 50-350 ms."""
+
+    __slots__ = ("_loop", "_done", "_session", "_queue", "_pages", "_answered_at", "_lock", "_failures",
+                 "_remaining", "_credits", "_pumping")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[list[tuple[Statement, BaseException]]],
+                 session: Session, statements: list[Statement], pages: list[tuple[Statement, list[Row], bool]] | None,
+                 answered_at: list[float] | None) -> None:
+        self._loop, self._done, self._session = loop, done, session
+        self._queue = iter(statements)
+        self._pages, self._answered_at = pages, answered_at
+        self._lock = threading.Lock()
+        self._failures: list[tuple[Statement, BaseException]] = []
+        self._remaining = len(statements)
+        self._credits = 0  # free slots not yet used by a send
+        self._pumping = False  # a thread is in pump(): the others only hand it their credit (no recursion when
+        # the driver answers inside add_callbacks, as it does at once when no host is up)
+
+    def pump(self, slots: int) -> None:
+        with self._lock:
+            self._credits += slots
+            if self._pumping:
+                return
+            self._pumping = True
+        while True:
+            with self._lock:
+                statement = next(self._queue, None) if self._credits and not self._done.done() else None
+                if statement is None:
+                    self._pumping = False
+                    return
+                self._credits -= 1
+            try:
+                response = self._session.execute_async(statement)
+            except Exception as e:  # noqa: BLE001 - e.g. the session shut down: this statement failed
+                self._finish(statement, e)
+                continue
+            response.add_callbacks(self._answered, errback=self._failed, callback_args=(statement, response),
+                                   errback_args=(statement, response))
+
+    def _answered(self, rows: list[Row], statement: Statement, response: ResponseFuture) -> None:
+        if self._pages is not None:
+            self._pages.append((statement, rows, response.has_more_pages))  # list.append: atomic
+        _forget(response)
+        self._finish(statement, None)
+
+    def _failed(self, error: BaseException, statement: Statement, response: ResponseFuture) -> None:
+        _forget(response)
+        self._finish(statement, error)
+
+    def _finish(self, statement: Statement, error: BaseException | None) -> None:
+        if self._answered_at is not None:
+            self._answered_at[0] = time.monotonic()
+        with self._lock:
+            if error is not None:
+                self._failures.append((statement, error))
+            self._remaining -= 1
+            last = self._remaining == 0
+        if not last:
+            self.pump(1)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._resolve)
+        except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+            pass
+
+    def _resolve(self) -> None:
+        if not self._done.done():  # not cancelled meanwhile
+            self._done.set_result(self._failures)
+
+
 class CassandraStore:
     """The :class:`~engine.core.store.base.Store` on ScyllaDB/Cassandra. Open with :meth:`open`."""
 
@@ -316,7 +453,12 @@ class CassandraStore:
         self._in_flight = asyncio.Semaphore(config.requests_in_flight_max)
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassandra-send")
         self._known_buckets: set[tuple[str, int]] = set()  # ledger_buckets rows this object has written
-        self._replicas_of: dict[int, tuple[str, ...]] = {}  # account -> its partition's replicas, when looked up
+        self._replicas_of: dict[PartitionKey, tuple[str, ...]] = {}  # partition -> its replicas
+        # Watermarks of written batches not sent yet: they go out with the next write (in the same requests
+        # as its rows, not one round trip later) or at the next sync. Only ever marks of acknowledged rows.
+        self._marks_due: dict[str, int] = {}
+        self._marks_timer: asyncio.TimerHandle | None = None  # sends the due watermarks alone (MARKS_ALONE_AFTER_S)
+        self._marks_alone: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, config: CassandraConfig, *, create_schema: bool) -> CassandraStore:
@@ -417,12 +559,18 @@ class CassandraStore:
             except RuntimeError:  # the loop is closed: nobody waits for this answer any more
                 pass
 
-        def on_error(error: BaseException) -> None:  # driver thread
+        def on_rows(rows: list[Row], response: ResponseFuture) -> None:  # driver thread
+            next_page = response.result().paging_state
+            _forget(response)
+            wake((rows, next_page), None)
+
+        def on_error(error: BaseException, response: ResponseFuture) -> None:  # driver thread
+            _forget(response)
             wake(None, error)
 
         def send() -> None:  # the store's sender thread: execute_async may wait (see _fan_out)
             response = session.execute_async(statement, paging_state=paging_state)
-            response.add_callbacks(lambda rows: wake((rows, response.result().paging_state), None), on_error)
+            response.add_callbacks(on_rows, on_error, callback_args=(response,), errback_args=(response,))
 
         try:
             sent = loop.run_in_executor(self._sender, send)
@@ -490,82 +638,22 @@ class CassandraStore:
 
     def _fan_out(self, statements: list[Statement], pages: list[tuple[Statement, list[Row], bool]] | None = None,
                  answered_at: list[float] | None = None) -> asyncio.Future[list[tuple[Statement, BaseException]]]:
-        """Send ``statements`` with at most ``requests_in_flight_max`` outstanding, each completion sending
-        the next from the driver's own thread (as the driver's ``execute_concurrent`` does), and wake the
-        event loop once, when all have answered: per request no future, no task and no loop wake-up, which
-        cost more than the request itself (a write runs at about twice the rows/s). Resolves to the
-        statements that failed, with their errors. ``answered_at[0]`` is set at each answer."""
+        """Send ``statements`` with at most ``requests_in_flight_max`` outstanding (see :class:`_FanOut`).
+        Resolves to the statements that failed, with their errors. ``answered_at[0]`` is set at each answer;
+        with ``pages``, each statement's first page of rows is appended to it with whether more pages follow."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[tuple[Statement, BaseException]]] = loop.create_future()
         session = self._session
         if session is None:
             done.set_exception(ClosedError(f"{self._where}: the store is closed"))
             return done
-        lock = threading.Lock()
-        queue = iter(statements)
-        failures: list[tuple[Statement, BaseException]] = []
-        remaining = len(statements)
-        credits = 0  # free slots not yet used by a send
-        pumping = False  # a thread is in pump(): the others only hand it their credit (no recursion when
-        # the driver answers inside add_callbacks, as it does at once when no host is up)
-
-        def resolve() -> None:
-            if not done.done():  # not cancelled meanwhile
-                done.set_result(failures)
-
-        def finish(statement: Statement, error: BaseException | None) -> None:
-            nonlocal remaining
-            if answered_at is not None:
-                answered_at[0] = time.monotonic()
-            with lock:
-                if error is not None:
-                    failures.append((statement, error))
-                remaining -= 1
-                last = remaining == 0
-            if last:
-                try:
-                    loop.call_soon_threadsafe(resolve)
-                except RuntimeError:  # the loop is closed: nobody waits for this answer any more
-                    pass
-            else:
-                pump(1)
-
-        def answered(rows: list[Row], statement: Statement, response: Any) -> None:
-            if pages is not None:
-                pages.append((statement, rows, response.has_more_pages))  # list.append: atomic
-            finish(statement, None)
-
-        def failed(error: BaseException, statement: Statement) -> None:
-            finish(statement, error)
-
-        def pump(slots: int) -> None:
-            nonlocal credits, pumping
-            with lock:
-                credits += slots
-                if pumping:
-                    return
-                pumping = True
-            while True:
-                with lock:
-                    statement = next(queue, None) if credits and not done.done() else None
-                    if statement is None:
-                        pumping = False
-                        return
-                    credits -= 1
-                try:
-                    response = session.execute_async(statement)
-                except Exception as e:  # noqa: BLE001 - e.g. the session shut down: this statement failed
-                    finish(statement, e)
-                    continue
-                response.add_callbacks(answered, errback=failed, callback_args=(statement, response),
-                                       errback_args=(statement,))
-
+        fan_out = _FanOut(loop, done, session, statements, pages, answered_at)
         # The first sends go from the store's own thread, not the event loop: the driver's execute_async
         # waits up to 2 s for a free stream of a connection that is being replaced (its requests timed out,
         # the node is down or coming back), and on the loop that wait, once per statement, silenced the
         # shard's heartbeat until the supervisor killed it as hung.
         try:
-            loop.run_in_executor(self._sender, pump, min(len(statements), self._config.requests_in_flight_max))
+            loop.run_in_executor(self._sender, fan_out.pump, min(len(statements), self._config.requests_in_flight_max))
         except RuntimeError:  # the store is closing: its sender is gone
             done.set_exception(ClosedError(f"{self._where}: the store is closed"))
         return done
@@ -573,6 +661,9 @@ class CassandraStore:
     # ------------------------------------------------------------------------------------------ writes
 
     async def write(self, batch: Batch) -> None:
+        """The batch's ledger and positions, with the watermarks due from earlier writes. Its own watermarks
+        are due from now on: they go out with the next write or sync, since a watermark may only be written
+        once its rows are acknowledged, and waiting for that here would double the write's latency."""
         check_batch(batch)
         if self._session is None:
             raise ClosedError(f"{self._where}: the store is closed")
@@ -582,65 +673,86 @@ class CassandraStore:
         await self._all([st.ledger_bucket.bind((s, b, b)) for s, b in sorted(new_buckets)])
         self._known_buckets |= new_buckets
 
+        self._cancel_marks_timer()  # the due watermarks go with these rows
+        marks = dict(self._marks_due)
         if self._config.logged_batches:
-            await self._all(self._logged_batches(batch))
+            await self._all(self._logged_batches(batch) + self._partition_batches(None, marks))
         else:
-            await self._all(self._partition_batches(batch))
-        # Only now: the watermark says the whole batch is in the store.
+            await self._all(self._partition_batches(batch, marks))
+        self._marks_sent(marks)
         await self.advance_watermarks(batch.watermarks)
 
     async def sync(self) -> None:
-        """Nothing to do: an acknowledged write is as durable as the cluster's commit log makes it (every
-        replica's ``commitlog_sync``); the write's consistency level says how many replicas hold it."""
-
-    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        """Send the watermarks still due. Nothing else to do: an acknowledged write is as durable as the
+        cluster's commit log makes it (every replica's ``commitlog_sync``); the write's consistency level
+        says how many replicas hold it."""
         if self._session is None:
             raise ClosedError(f"{self._where}: the store is closed")
-        await self._all([self._st.watermark.bind((s, seq, seq)) for s, seq in watermarks.items()])
+        marks = dict(self._marks_due)
+        if marks:
+            await self._all(self._partition_batches(None, marks))
+            self._marks_sent(marks)
 
-    def _partition_batches(self, batch: Batch) -> list[Statement]:
+    async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
+        """Due from now on: sent with the next write or sync (the rows they cover are acknowledged)."""
+        if self._session is None:
+            raise ClosedError(f"{self._where}: the store is closed")
+        due = self._marks_due
+        for symbol, seq in watermarks.items():
+            if seq > due.get(symbol, 0):
+                due[symbol] = seq
+        if due and self._marks_timer is None:
+            self._marks_timer = asyncio.get_running_loop().call_later(MARKS_ALONE_AFTER_S, self._send_marks_alone)
+
+    def _cancel_marks_timer(self) -> None:
+        if self._marks_timer is not None:
+            self._marks_timer.cancel()
+            self._marks_timer = None
+
+    def _send_marks_alone(self) -> None:
+        self._marks_timer = None
+        if self._marks_due and self._session is not None and (self._marks_alone is None or self._marks_alone.done()):
+            self._marks_alone = asyncio.ensure_future(self._sync_quietly())
+
+    async def _sync_quietly(self) -> None:
+        try:
+            await self.sync()
+        except (StoreUnavailable, ClosedError) as e:  # still due: the next write or sync sends them
+            log.debug("%s: due watermarks not sent yet: %s", self._where, e)
+
+    def _marks_sent(self, sent: dict[str, int]) -> None:
+        due = self._marks_due
+        for symbol, seq in sent.items():
+            if due.get(symbol) == seq:  # not moved up meanwhile by another write
+                del due[symbol]
+
+    def _partition_batches(self, batch: Batch | None, marks: dict[str, int]) -> list[Statement]:
+        """The batch's ledger and position rows and the watermarks ``marks``, partitions with the same
+        replicas sharing UNLOGGED batches: at a few trades per batch, one request in all on a cluster
+        whose every node holds every partition."""
         st = self._st
-        ledger: defaultdict[tuple[str, int], list[tuple[PreparedStatement, Row]]] = defaultdict(list)
-        for t in batch.trades:
-            bucket = ledger_bucket(t.seq)
-            ledger[(t.symbol, bucket)].append((st.ledger, (t.symbol, bucket, *ledger_ints(t), t.seq)))
-        positions: defaultdict[int, list[tuple[PreparedStatement, Row]]] = defaultdict(list)
-        for (account, asset, symbol), p in batch.positions.items():
-            positions[account].append(
-                (st.position, (account, asset, symbol, p.amount, p.last_seq, p.last_seq))
-            )
-        out: list[Statement] = []
-        for rows in ledger.values():
-            out.extend(_chunks(rows, LEDGER_ROWS_PER_BATCH))
-        # Accounts with the same replicas share a batch: the coordinator (a replica, by the first account's
-        # token) applies them as it would one partition's. A large account's rows still go in chunks.
-        # Each batch stays within POSITIONS_PER_BATCH rows, under the server's batch size thresholds.
-        filling: dict[tuple[str, ...], tuple[list[tuple[PreparedStatement, Row]], list[int]]] = {}
-        for account, rows in positions.items():
-            if len(rows) > POSITIONS_PER_BATCH // 2:
-                out.extend(_chunks(rows, POSITIONS_PER_BATCH))
-                continue
-            replicas = self._replicas(account)
-            pending = filling.get(replicas)
-            if pending is not None and (len(pending[0]) + len(rows) > POSITIONS_PER_BATCH
-                                        or len(pending[1]) == ACCOUNTS_PER_BATCH):
-                out.extend(_chunks(pending[0], POSITIONS_PER_BATCH))
-                pending = None
-            if pending is None:
-                pending = filling[replicas] = ([], [])
-            pending[0].extend(rows)
-            pending[1].append(account)
-        for rows, _ in filling.values():
-            out.extend(_chunks(rows, POSITIONS_PER_BATCH))
-        return out
+        replicas = self._replicas
+        partitions: list[tuple[tuple[str, ...], Rows, int]] = []
+        if batch is not None:
+            ledger: defaultdict[tuple[str, int], Rows] = defaultdict(list)
+            for t in batch.trades:
+                bucket = ledger_bucket(t.seq)
+                ledger[(t.symbol, bucket)].append((st.ledger, (t.symbol, bucket, *ledger_ints(t), t.seq)))
+            positions: defaultdict[int, Rows] = defaultdict(list)
+            for (account, asset, symbol), p in batch.positions.items():
+                positions[account].append((st.position, (account, asset, symbol, p.amount, p.last_seq, p.last_seq)))
+            partitions += ((replicas(key), rows, LEDGER_ROW_WEIGHT) for key, rows in ledger.items())
+            partitions += ((replicas(account), rows, 1) for account, rows in positions.items())
+        partitions += ((replicas(symbol), [(st.watermark, (symbol, seq, seq))], 1) for symbol, seq in marks.items())
+        return _shared_batches(partitions)
 
-    def _replicas(self, account: int) -> tuple[str, ...]:
-        """The replicas of ``account``'s partition, as the driver's token map has them (cached: a ring that
-        changes later only makes a batch's coordinator forward more)."""
-        replicas = self._replicas_of.get(account)
+    def _replicas(self, key: PartitionKey) -> tuple[str, ...]:
+        """The replicas of partition ``key``, as the driver's token map has them (cached: a ring that changes
+        later only makes a coordinator forward more)."""
+        replicas = self._replicas_of.get(key)
         if replicas is None:
-            hosts = self._cluster.metadata.get_replicas(self._config.keyspace, _ACCOUNT_KEY.pack(account))
-            replicas = self._replicas_of[account] = tuple(sorted(str(host.endpoint) for host in hosts))
+            hosts = self._cluster.metadata.get_replicas(self._config.keyspace, _routing_key(key))
+            replicas = self._replicas_of[key] = tuple(sorted(str(host.endpoint) for host in hosts))
         return replicas
 
     def _logged_batches(self, batch: Batch) -> list[Statement]:
@@ -690,6 +802,7 @@ class CassandraStore:
         return out
 
     async def watermarks(self) -> dict[str, int]:
+        await self.sync()  # what this store has written, its due watermarks included
         return dict(sorted(await self._rows(self._st.all_watermarks.bind(()))))
 
     async def balances(self, account: int) -> dict[str, int]:
@@ -720,6 +833,12 @@ class CassandraStore:
     async def close(self) -> None:
         if self._session is None:
             return
+        self._cancel_marks_timer()
+        if self._marks_alone is not None:
+            await asyncio.gather(self._marks_alone, return_exceptions=True)
+        if self._marks_due:
+            with contextlib.suppress(StoreUnavailable):  # the shard's WAL still holds what they cover
+                await self.sync()
         self._session = None
         self._sender.shutdown(wait=False)
         await asyncio.to_thread(self._cluster.shutdown)
