@@ -574,12 +574,24 @@ class Shard(SettleStage):
                 del ranges[symbol]
 
     async def _housekeeping(self) -> None:
+        """Every CHECKPOINT_INTERVAL_S: the heartbeat, a checkpoint, the watermark gauges. A checkpoint waits
+        for the store (its sync retries while the store is down) in a task of its own: the heartbeat goes on,
+        or the supervisor would kill the shard as hung whenever the store is away."""
         assert self.wal is not None
-        while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
-            self.lifeline.beat()
-            await self._checkpoint()
-            self._publish_watermarks()
+        checkpoint: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+                self.lifeline.beat()
+                if checkpoint is not None and checkpoint.done():
+                    checkpoint.result()  # a refused sync stops the shard, as a refused write does
+                    checkpoint = None
+                if checkpoint is None:
+                    checkpoint = asyncio.ensure_future(self._checkpoint())
+                self._publish_watermarks()
+        finally:
+            if checkpoint is not None:
+                checkpoint.cancel()
 
     async def _checkpoint(self) -> None:
         """Delete the WAL segments the store holds, once the store has made them durable: its commits are

@@ -50,6 +50,9 @@ class _Failing:
     def __init__(self, session: _FailingSession) -> None:
         self.session = session
 
+    def clear_callbacks(self) -> None:
+        pass
+
     def add_callbacks(self, callback: Any, errback: Any, callback_args: Any = (), errback_args: Any = ()) -> None:
         self.session.sent += 1
         if self.session.sent <= self.session.times:

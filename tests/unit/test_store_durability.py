@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from engine.core import config as configmod
+from engine.core.child import Lifeline
+from engine.core.errors import StoreUnavailable
 from engine.core.store import embedded
 from engine.core.store.base import Batch
 from engine.core.store.embedded import EmbeddedStore
@@ -157,3 +159,51 @@ def test_reading_positions_finds_each_row_by_its_key() -> None:
     steps = [str(row[-1]) for row in plan]
     assert not any(step.startswith("SCAN") and "positions" in step or step == "SCAN p" for step in steps), steps
     assert any(step.startswith("SEARCH p") for step in steps), steps
+
+
+class SyncFailingStore(MemoryStore):
+    """A store whose ``sync`` fails while ``down`` (a Cassandra sending its due watermarks to a dead node)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.failed_syncs = 0
+
+    async def sync(self) -> None:
+        if self.down:
+            self.failed_syncs += 1
+            raise StoreUnavailable("the store is down")
+
+
+class CountingLifeline(Lifeline):
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.beats = 0
+
+    def beat(self) -> None:
+        self.beats += 1
+
+
+def test_the_heartbeat_goes_on_while_the_stores_sync_keeps_failing(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint retries the store's sync until it works; the supervisor must not take that for a hung
+    shard: the heartbeat beats on meanwhile."""
+    store = SyncFailingStore()
+
+    async def open_store(_: object) -> SyncFailingStore:
+        return store
+
+    monkeypatch.setattr(shardmod, "open_store", open_store)
+    monkeypatch.setattr(shardmod, "CHECKPOINT_INTERVAL_S", 0.02)
+    config = configmod.load(None, [f'engine.data_dir="{tmp_path}"', "engine.shards=1", "metrics.enabled=false"])
+    with running_shard(config, tmp_path) as (shard, push):
+        push.send(routed(trade("BTC-USDT", seq=1, output_sequence=1)))
+        assert wait_until(lambda: store.marks == {"BTC-USDT": 1}), store.marks
+        lifeline = CountingLifeline()
+        shard.lifeline = lifeline
+        store.down = True
+        assert wait_until(lambda: store.failed_syncs >= 2), "the checkpoint never tried the failing sync"
+        beats = lifeline.beats
+        assert wait_until(lambda: lifeline.beats >= beats + 10, timeout_s=10), \
+            f"{lifeline.beats - beats} beats while the sync kept failing"
+        store.down = False

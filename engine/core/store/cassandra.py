@@ -407,14 +407,18 @@ class _FanOut:
                                    errback_args=(statement, response))
 
     def _answered(self, rows: list[Row], statement: Statement, response: ResponseFuture) -> None:
-        if self._pages is not None:
-            self._pages.append((statement, rows, response.has_more_pages))  # list.append: atomic
-        _forget(response)
-        self._finish(statement, None)
+        try:
+            if self._pages is not None:
+                self._pages.append((statement, rows, response.has_more_pages))  # list.append: atomic
+            _forget(response)
+        finally:
+            self._finish(statement, None)
 
     def _failed(self, error: BaseException, statement: Statement, response: ResponseFuture) -> None:
-        _forget(response)
-        self._finish(statement, error)
+        try:
+            _forget(response)
+        finally:
+            self._finish(statement, error)
 
     def _finish(self, statement: Statement, error: BaseException | None) -> None:
         if self._answered_at is not None:
