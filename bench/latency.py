@@ -8,7 +8,8 @@ trade is settled; the difference holds the trades in between. Quantiles are inte
 bucket like Prometheus' ``histogram_quantile`` (buckets: ``engine.metrics.LATENCY_BUCKETS_S``); the share at
 or under 25 ms is exact (25 ms is a bound). ``settle_stage_seconds`` splits each trade's lag by stage
 (ME to intake, the group commit's wait and fdatasync, the wait for the store, position reads, the store
-write); its means add up to the lag's mean, and each rate prints them.
+write); its means add up to the lag's mean, and each rate prints them. ``engine_cpu_us_per_trade`` is the
+CPU the supervisor, the router and the shards used over the same window (``/proc``), per settled trade.
 """
 
 from __future__ import annotations
@@ -91,13 +92,16 @@ def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, stor
         warm_at = int(trades * WARM_FRACTION)
         progress.wait_for(warm_at)
         before = histograms(bench)
-        started, settled_before = time.monotonic(), progress.settled
+        started, settled_before, cpu_before = time.monotonic(), progress.settled, bench.engine_cpu_s()
         progress.wait_for(trades)
-        achieved = (progress.settled - settled_before) / max(time.monotonic() - started, 1e-9)
+        settled = progress.settled - settled_before
+        achieved = settled / max(time.monotonic() - started, 1e-9)
+        cpu_us = (bench.engine_cpu_s() - cpu_before) / max(settled, 1) * 1e6
         hists = window(histograms(bench), before)
         verified = bench.verify().ok if store != "null" else None
     return {"name": name, "store": store, "shards": bench.shards, "rate": rate, "trades": trades,
-            "settled_per_s": achieved, "verified": verified, **summarize(hists["lag"][0]),
+            "settled_per_s": achieved, "engine_cpu_us_per_trade": cpu_us, "verified": verified,
+            **summarize(hists["lag"][0]),
             "stages": stage_rows(name, hists)}
 
 
@@ -128,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     for rate in (float(r) for r in args.rates.split(",")):
         rows.append(run_latency(f"latency-{rate:.0f}", rate=rate, seconds=args.seconds, store=args.store,
                                 cassandra=target, overrides=overrides))
-        print(table([rows[-1]], ["name", "rate", "settled_per_s", "count", "p50_ms", "p99_ms", "p999_ms",
-                                 "share_le_25ms", "verified"]), flush=True)
+        print(table([rows[-1]], ["name", "rate", "settled_per_s", "engine_cpu_us_per_trade", "count", "p50_ms",
+                                 "p99_ms", "p999_ms", "share_le_25ms", "verified"]), flush=True)
         print(table(rows[-1]["stages"], ["name", "stage", "count", "mean_ms", "p50_ms", "p99_ms"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(clean_json(rows), indent=2, allow_nan=False) + "\n")
