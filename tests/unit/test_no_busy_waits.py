@@ -63,3 +63,34 @@ def test_a_shard_waits_out_its_group_commit_window(tmp_path: Path, monkeypatch: 
             assert wait_until(settled, 10)
     # A few waits per window (each message that arrives ends one); polling with 0 ms made hundreds.
     assert 0 < calls <= bursts * 2 * burst, f"{calls} waits over {bursts} group-commit windows"
+
+
+def test_a_trade_after_a_quiet_spell_goes_at_once_and_one_after_a_commit_waits_for_company(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group-commit window (10 s here) holds a trade only while group commits are recent: the first
+    trade after a quiet spell is made durable at once, one right after a commit waits for others."""
+    sizes: list[int] = []
+    real_commit = shardmod.Shard._group_commit
+
+    async def recording_commit(shard: shardmod.Shard) -> None:
+        assert shard.wal is not None
+        sizes.append(shard.wal.buffered)
+        await real_commit(shard)
+
+    monkeypatch.setattr(shardmod.Shard, "_group_commit", recording_commit)
+    config = configmod.load(None, [f'engine.data_dir="{tmp_path}"', f'store.path="{tmp_path}/settle.db"',
+                                   "engine.shards=1", "metrics.enabled=false", "wal.batch_trades_max=2",
+                                   "wal.fsync_wait_us_max=10000000"])
+    with running_shard(config, tmp_path) as (shard, push):
+        assert wait_until(lambda: shard.wal is not None)
+
+        def settled() -> int:
+            return shard.sequencer.state("BTC-USDT").settled
+
+        push.send(routed(trade("BTC-USDT", seq=1, output_sequence=1)))
+        assert wait_until(lambda: settled() == 1, 5), "a trade after a quiet spell waited for the window"
+        push.send(routed(trade("BTC-USDT", seq=2, output_sequence=2)))
+        assert wait_until(lambda: shard.wal is not None and shard.wal.buffered == 1, 5)
+        push.send(routed(trade("BTC-USDT", seq=3, output_sequence=3)))  # the second of batch_trades_max
+        assert wait_until(lambda: settled() == 3, 5)
+    assert sizes == [1, 2], sizes
