@@ -20,6 +20,7 @@ import errno
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -346,10 +347,14 @@ class SystemRig:
                 f"{durable.get(symbol, 0)}: a store write came before its WAL record was durable\n{report}"
             )
 
-    def cut(self, point: str, **arm: Any) -> dict[str, Any]:
-        """Lose power at ``point`` under load, check the disk, bring the engine back."""
+    def cut(self, point: str, *, backlog_s: float = 0.0, **arm: Any) -> dict[str, Any]:
+        """Lose power at ``point`` under load, check the disk, bring the engine back. With ``backlog_s``, the
+        router is stopped that long once the cut is armed, and the shards then take the ME's backlog at once:
+        group commits of many pages whatever the disk (on a fast one, live commits hold a few trades)."""
         if arm:
             self.arm(point, **arm)
+            if backlog_s:
+                self.hold_router(backlog_s)
             report = self.wait(point)
         else:
             time.sleep(self.rng.uniform(0.0, 1.0))
@@ -360,6 +365,14 @@ class SystemRig:
         self.check_durable_before_visible(report)
         self.restart()
         return report
+
+    def hold_router(self, seconds: float) -> None:
+        pid = int(self.system.state()["slots"]["router"]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)  # the ME's trades queue up meanwhile: the backlog this is for
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def kill_then_cut(self, point: str, kill: dict[str, Any], cut: dict[str, Any]) -> None:
         """SIGKILL a shard at ``kill`` (the supervisor respawns it; it recovers from the page cache), then lose
@@ -429,7 +442,8 @@ def test_power_cuts_in_group_commits_and_segment_rotations(rig: SystemRig) -> No
     rig.cut("group commit", ops={"fsync"}, path=SEG, pending=True, when="before", skip=rng.randrange(100))
     rig.cut("group commit", ops={"fsync"}, path=SEG, pending=True, when="after", skip=rng.randrange(100))
     # A commit of several pages, torn by a disk that reorders: a hole, then sound records of the same commit.
-    rig.cut("group commit", ops={"write"}, path=SEG, when="after", min_bytes=3 * PAGE_BYTES, mode="pages")
+    rig.cut("group commit", ops={"write"}, path=SEG, when="after", min_bytes=3 * PAGE_BYTES, mode="pages",
+            backlog_s=2.0)
     rig.cut("rotation", ops={"create"}, path=SEG, when="after", skip=rng.randrange(3))
     rig.cut("rotation", ops={"fsyncdir"}, path=SYMBOL_DIR, dirty="create", when="before")
     rig.cut("rotation", ops={"fsyncdir"}, path=SYMBOL_DIR, dirty="create", when="after")
