@@ -166,17 +166,23 @@ def ring_complete():
 until(f"every one of the {count} nodes seeing the others", ring_complete)
 if not done.exists():
     cluster, session = until("the superuser logging in", lambda: session_on(addresses[0], password))
+
+    def run(statement, values=()):
+        # Each statement is idempotent and retried: once system_auth has more replicas, the default
+        # superuser is read at QUORUM from replicas that may not hold it yet ("User cassandra does not have
+        # sufficient privileges"); the reads repair them.
+        until(f"{statement.split(' WITH')[0]} done", lambda: session.execute(statement, values) is not None)
+
     try:
         rf = min(count, 3)
         for ks in ("system_auth",):
-            session.execute(f"ALTER KEYSPACE {ks} WITH replication = "
-                            f"{{'class': 'NetworkTopologyStrategy', '{dc}': {rf}}}")
+            run(f"ALTER KEYSPACE {ks} WITH replication = {{'class': 'NetworkTopologyStrategy', '{dc}': {rf}}}")
         admin, settle = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         private(admin_file, admin)
         # A password of our own instead of the well-known default (a role may not change its own SUPERUSER).
-        session.execute("ALTER ROLE cassandra WITH PASSWORD = %s", (admin,))
-        session.execute("CREATE ROLE IF NOT EXISTS settle WITH PASSWORD = %s AND LOGIN = true", (settle,))
-        session.execute("GRANT CREATE ON ALL KEYSPACES TO settle")
+        run("ALTER ROLE cassandra WITH PASSWORD = %s", (admin,))
+        run("CREATE ROLE IF NOT EXISTS settle WITH PASSWORD = %s AND LOGIN = true", (settle,))
+        run("GRANT CREATE ON ALL KEYSPACES TO settle")
         private(root / "settle.password", settle)
     finally:
         cluster.shutdown()

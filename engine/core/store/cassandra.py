@@ -481,7 +481,9 @@ class CassandraStore:
             statements = await asyncio.to_thread(_prepare, session, config.keyspace)
         except RequestValidationException as e:
             await asyncio.to_thread(cluster.shutdown)
-            if not _refused(e):
+            if not _refused(e) or (create_schema and "does not exist" in str(e)):
+                # A table just created (here, or by another shard at the same moment) may not have reached
+                # every node yet: a prepare sent to one of those finds it missing. Another attempt will not.
                 raise StoreUnavailable(f"{where}: preparing the store failed: {_describe(e)}") from e
             raise StoreRejected(
                 f"{where}: keyspace {config.keyspace!r} or its tables are missing or wrong ({_describe(e)}); "
