@@ -106,7 +106,7 @@ async def bench_raw(config: CassandraConfig, batches: list[Batch], concurrency: 
         statements: list[tuple[Any, Any]] = []
         for batch in batches:
             if grouped:
-                statements.extend((statement, None) for statement in store._partition_batches(batch, batch.watermarks))
+                statements.extend((statement, None) for statement in store._write_requests(batch, batch.watermarks))
                 continue
             for t in batch.trades:
                 bucket = ledger_bucket(t.seq)

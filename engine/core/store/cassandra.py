@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from cassandra import (
     AuthenticationFailed,
@@ -55,13 +55,14 @@ from cassandra.cluster import (
 from cassandra.connection import ConnectionBusy, ConnectionException
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.protocol import IsBootstrappingErrorMessage, OverloadedErrorMessage
-from cassandra.query import BatchStatement, BatchType, PreparedStatement, Statement, tuple_factory
+from cassandra.query import BatchStatement, BatchType, BoundStatement, PreparedStatement, Statement, tuple_factory
 
 from engine.core.config import CassandraConfig
 from engine.core.errors import ClosedError, ConfigError, StoreRejected, StoreUnavailable
+from engine.core.messages import Trade
 from engine.core.retry import Backoff
 from engine.core.store.base import Batch, Position, PositionKey
-from engine.core.store.schema import check_batch, cql_statements, ledger_bucket, ledger_ints, sum_by_asset
+from engine.core.store.schema import check_batch, cql_statements, ledger_bucket, sum_by_asset
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,8 @@ def _refused(error: BaseException) -> bool:
     return not (isinstance(error, Unauthorized) and "Unable to perform authorization" in str(error))
 
 
-Row = tuple[Any, ...]
+
+Row = tuple[Any, ...]  # a row read
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,64 +292,108 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-_ACCOUNT_KEY: Final = struct.Struct(">q")  # a positions partition key (account bigint), as the driver routes it
+_BIGINT: Final = struct.Struct(">q")  # a bigint value (and an account's partition key) as the protocol carries it
 
-Rows = list[tuple[PreparedStatement, Row]]
+# A row to write: its statement and its values serialised as the protocol carries them. The rows of a write
+# are serialised here rather than by the driver's bind, which checks each value's type and looks up its
+# column's serialiser: five times the CPU per row, and binding rows was the largest part of a shard's CPU on
+# this store. bigint is 8 bytes big-endian, text its UTF-8 bytes (the driver's own encoding, checked against
+# bind in the tests); a value out of the 64-bit range raises struct.error, which the write turns into
+# check_batch's StoreRejected.
+WriteRow = tuple[PreparedStatement, list[bytes]]
+WriteRows = list[WriteRow]
 PartitionKey = int | str | tuple[str, int]  # an account (positions), a symbol (watermarks), a ledger bucket
+
+
+def _ledger_row(st: _Statements, trade: Trade, bucket: int) -> WriteRow:
+    q = _BIGINT.pack
+    return (st.ledger, [trade.symbol.encode(), q(bucket), q(trade.seq), q(trade.trade_id), q(trade.output_sequence),
+                        q(trade.buyer), q(trade.seller), q(trade.price), q(trade.qty), q(trade.buyer_fee),
+                        q(trade.seller_fee), q(trade.ts_ns), q(trade.seq)])  # the last: the write timestamp
+
+
+def _position_row(st: _Statements, key: PositionKey, position: Position) -> WriteRow:
+    q = _BIGINT.pack
+    account, asset, symbol = key
+    last_seq = q(position.last_seq)
+    return (st.position, [q(account), asset.encode(), symbol.encode(), q(position.amount), last_seq, last_seq])
+
+
+def _watermark_row(st: _Statements, symbol: str, seq: int) -> WriteRow:
+    packed = _BIGINT.pack(seq)
+    return (st.watermark, [symbol.encode(), packed, packed])
 
 
 def _routing_key(key: PartitionKey) -> bytes:
     """A partition key serialised as the driver routes it (a composite key: each part length-prefixed)."""
     if isinstance(key, int):
-        return _ACCOUNT_KEY.pack(key)
+        return _BIGINT.pack(key)
     if isinstance(key, str):
         return key.encode()
     symbol = key[0].encode()
-    return b"".join((struct.pack(">H", len(symbol)), symbol, b"\0", struct.pack(">H", 8), _ACCOUNT_KEY.pack(key[1]),
+    return b"".join((struct.pack(">H", len(symbol)), symbol, b"\0", struct.pack(">H", 8), _BIGINT.pack(key[1]),
                      b"\0"))
 
 
-def _shared_batches(partitions: Iterable[tuple[tuple[str, ...], Rows, int]]) -> list[Statement]:
+class _Partition(NamedTuple):
+    """A partition's share of a write: its replicas and routing key (the driver's), its rows, and the weight
+    of one of its rows against ROWS_PER_BATCH."""
+
+    replicas: tuple[str, ...]
+    routing_key: bytes
+    rows: WriteRows
+    weight: int
+
+
+def _shared_batches(partitions: Iterable[_Partition]) -> list[Statement]:
     """UNLOGGED batches within ROWS_PER_BATCH and PARTITIONS_PER_BATCH, each holding partitions with the same
-    replicas (``partitions``: each one's replicas, rows, and the weight of one of its rows): the coordinator,
-    a replica by the first partition's token, applies them as it would one partition's. A large partition's
-    rows go in chunks of their own."""
+    replicas: the coordinator, a replica by the first partition's token, applies them as it would one
+    partition's. A large partition's rows go in chunks of their own."""
     out: list[Statement] = []
-    filling: dict[tuple[str, ...], tuple[Rows, list[int]]] = {}  # replicas -> rows, [weight, partitions]
-    for replicas, rows, weight in partitions:
+    # replicas -> the first partition's routing key, the rows, [weight, partitions]
+    filling: dict[tuple[str, ...], tuple[bytes, WriteRows, list[int]]] = {}
+    for replicas, routing_key, rows, weight in partitions:
         size = len(rows) * weight
         if size > ROWS_PER_BATCH // 2:
-            out.extend(_chunks(rows, ROWS_PER_BATCH // weight))
+            out.extend(_chunks(routing_key, rows, ROWS_PER_BATCH // weight))
             continue
         pending = filling.get(replicas)
-        if pending is not None and (pending[1][0] + size > ROWS_PER_BATCH or pending[1][1] == PARTITIONS_PER_BATCH):
-            out.extend(_chunks(pending[0], len(pending[0])))
+        if pending is not None and (pending[2][0] + size > ROWS_PER_BATCH or pending[2][1] == PARTITIONS_PER_BATCH):
+            out.extend(_chunks(pending[0], pending[1], len(pending[1])))
             pending = None
         if pending is None:
-            pending = filling[replicas] = ([], [0, 0])
-        pending[0].extend(rows)
-        pending[1][0] += size
-        pending[1][1] += 1
-    for rows, _ in filling.values():
-        out.extend(_chunks(rows, len(rows)))
+            pending = filling[replicas] = (routing_key, [], [0, 0])
+        pending[1].extend(rows)
+        pending[2][0] += size
+        pending[2][1] += 1
+    for routing_key, rows, _ in filling.values():
+        out.extend(_chunks(routing_key, rows, len(rows)))
     return out
 
 
-def _chunks(items: Sequence[tuple[PreparedStatement, Row]], size: int) -> Iterable[Statement]:
-    """UNLOGGED batches of at most ``size`` rows (a lone row goes as itself)."""
-    for start in range(0, len(items), size):
-        chunk = items[start : start + size]
+def _chunks(routing_key: bytes, rows: WriteRows, size: int) -> Iterable[Statement]:
+    """UNLOGGED batches of at most ``size`` rows (a lone row goes as itself), routed by ``routing_key``."""
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
         if len(chunk) == 1:
-            statement, values = chunk[0]
-            yield statement.bind(values)
+            yield _bound(*chunk[0])
         else:
-            yield _batch(BatchType.UNLOGGED, chunk)
+            yield _batch(BatchType.UNLOGGED, chunk, routing_key)
 
 
-def _batch(kind: Any, rows: Iterable[tuple[PreparedStatement, Row]]) -> BatchStatement:
+def _bound(statement: PreparedStatement, values: list[bytes]) -> BoundStatement:
+    """``statement`` with ``values`` already serialised (its routing key comes from them, as with bind)."""
+    bound = BoundStatement(statement)
+    bound.values = bound.raw_values = values
+    return bound
+
+
+def _batch(kind: Any, rows: WriteRows, routing_key: bytes) -> BatchStatement:
     batch = BatchStatement(batch_type=kind)
-    for statement, values in rows:
-        batch.add(statement, values)
+    # What BatchStatement.add makes of a bound statement, without binding again: its query id and values.
+    batch._statements_and_parameters.extend([(True, statement.query_id, values) for statement, values in rows])
+    batch.routing_key = routing_key
+    batch.keyspace = rows[0][0].column_metadata[0].keyspace_name  # as a bound statement has it
     batch.is_idempotent = True
     return batch
 
@@ -457,7 +503,7 @@ class CassandraStore:
         self._in_flight = asyncio.Semaphore(config.requests_in_flight_max)
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cassandra-send")
         self._known_buckets: set[tuple[str, int]] = set()  # ledger_buckets rows this object has written
-        self._replicas_of: dict[PartitionKey, tuple[str, ...]] = {}  # partition -> its replicas
+        self._routes: dict[PartitionKey, tuple[tuple[str, ...], bytes]] = {}  # partition -> replicas, routing key
         # Watermarks of written batches not sent yet: they go out with the next write (in the same requests
         # as its rows, not one round trip later) or at the next sync. Only ever marks of acknowledged rows.
         self._marks_due: dict[str, int] = {}
@@ -673,18 +719,19 @@ class CassandraStore:
         check_batch(batch)
         if self._session is None:
             raise ClosedError(f"{self._where}: the store is closed")
-        st = self._st
         # A ledger bucket is recorded before any row lands in it, so ledger() finds every row.
-        new_buckets = {(t.symbol, ledger_bucket(t.seq)) for t in batch.trades} - self._known_buckets
-        await self._all([st.ledger_bucket.bind((s, b, b)) for s, b in sorted(new_buckets)])
-        self._known_buckets |= new_buckets
+        ledger = self._ledger_rows(batch.trades)
+        new_buckets = ledger.keys() - self._known_buckets
+        if new_buckets:
+            await self._all([self._st.ledger_bucket.bind((s, b, b)) for s, b in sorted(new_buckets)])
+            self._known_buckets |= new_buckets
 
         self._cancel_marks_timer()  # the due watermarks go with these rows
         marks = dict(self._marks_due)
         if self._config.logged_batches:
-            await self._all(self._logged_batches(batch) + self._partition_batches(None, marks))
+            await self._all(self._logged_batches(batch) + self._partition_batches({}, {}, marks))
         else:
-            await self._all(self._partition_batches(batch, marks))
+            await self._all(self._partition_batches(ledger, batch.positions, marks))
         self._marks_sent(marks)
         await self.advance_watermarks(batch.watermarks)
 
@@ -696,7 +743,7 @@ class CassandraStore:
             raise ClosedError(f"{self._where}: the store is closed")
         marks = dict(self._marks_due)
         if marks:
-            await self._all(self._partition_batches(None, marks))
+            await self._all(self._partition_batches({}, {}, marks))
             self._marks_sent(marks)
 
     async def advance_watermarks(self, watermarks: dict[str, int]) -> None:
@@ -732,50 +779,67 @@ class CassandraStore:
             if due.get(symbol) == seq:  # not moved up meanwhile by another write
                 del due[symbol]
 
-    def _partition_batches(self, batch: Batch | None, marks: dict[str, int]) -> list[Statement]:
-        """The batch's ledger and position rows and the watermarks ``marks``, partitions with the same
-        replicas sharing UNLOGGED batches: at a few trades per batch, one request in all on a cluster
-        whose every node holds every partition."""
+    def _write_requests(self, batch: Batch, marks: dict[str, int]) -> list[Statement]:
+        """The requests of a write of ``batch`` with the watermarks ``marks`` (its ledger buckets aside)."""
+        return self._partition_batches(self._ledger_rows(batch.trades), batch.positions, marks)
+
+    def _ledger_rows(self, trades: list[Trade]) -> dict[tuple[str, int], WriteRows]:
+        """The trades' ledger rows by partition: (symbol, bucket)."""
         st = self._st
-        replicas = self._replicas
-        partitions: list[tuple[tuple[str, ...], Rows, int]] = []
-        if batch is not None:
-            ledger: defaultdict[tuple[str, int], Rows] = defaultdict(list)
-            for t in batch.trades:
-                bucket = ledger_bucket(t.seq)
-                ledger[(t.symbol, bucket)].append((st.ledger, (t.symbol, bucket, *ledger_ints(t), t.seq)))
-            positions: defaultdict[int, Rows] = defaultdict(list)
-            for (account, asset, symbol), p in batch.positions.items():
-                positions[account].append((st.position, (account, asset, symbol, p.amount, p.last_seq, p.last_seq)))
-            partitions += ((replicas(key), rows, LEDGER_ROW_WEIGHT) for key, rows in ledger.items())
-            partitions += ((replicas(account), rows, 1) for account, rows in positions.items())
-        partitions += ((replicas(symbol), [(st.watermark, (symbol, seq, seq))], 1) for symbol, seq in marks.items())
+        partitions: dict[tuple[str, int], WriteRows] = {}
+        for t in trades:
+            bucket = ledger_bucket(t.seq)
+            rows = partitions.get((t.symbol, bucket))
+            if rows is None:
+                rows = partitions[(t.symbol, bucket)] = []
+            rows.append(_ledger_row(st, t, bucket))
+        return partitions
+
+    def _partition_batches(self, ledger: dict[tuple[str, int], WriteRows], positions: dict[PositionKey, Position],
+                           marks: dict[str, int]) -> list[Statement]:
+        """The ledger rows (by partition, from :meth:`_ledger_rows`), the positions and the watermarks
+        ``marks``, partitions with the same replicas sharing UNLOGGED batches: at a few trades per batch,
+        one request in all on a cluster whose every node holds every partition."""
+        st = self._st
+        route = self._route
+        partitions = [_Partition(*route(key), rows, LEDGER_ROW_WEIGHT) for key, rows in ledger.items()]
+        by_account: dict[int, WriteRows] = {}
+        for key, position in positions.items():
+            rows = by_account.get(key[0])
+            if rows is None:
+                rows = by_account[key[0]] = []
+            rows.append(_position_row(st, key, position))
+        partitions += (_Partition(*route(account), rows, 1) for account, rows in by_account.items())
+        partitions += (_Partition(*route(symbol), [_watermark_row(st, symbol, seq)], 1)
+                       for symbol, seq in marks.items())
         return _shared_batches(partitions)
 
-    def _replicas(self, key: PartitionKey) -> tuple[str, ...]:
-        """The replicas of partition ``key``, as the driver's token map has them (cached: a ring that changes
-        later only makes a coordinator forward more)."""
-        replicas = self._replicas_of.get(key)
-        if replicas is None:
-            hosts = self._cluster.metadata.get_replicas(self._config.keyspace, _routing_key(key))
-            replicas = self._replicas_of[key] = tuple(sorted(str(host.endpoint) for host in hosts))
-        return replicas
+    def _route(self, key: PartitionKey) -> tuple[tuple[str, ...], bytes]:
+        """The replicas of partition ``key``, as the driver's token map has them, and its routing key (cached:
+        a ring that changes later only makes a coordinator forward more)."""
+        route = self._routes.get(key)
+        if route is None:
+            routing_key = _routing_key(key)
+            hosts = self._cluster.metadata.get_replicas(self._config.keyspace, routing_key)
+            route = self._routes[key] = (tuple(sorted(str(host.endpoint) for host in hosts)), routing_key)
+        return route
 
     def _logged_batches(self, batch: Batch) -> list[Statement]:
         """The design note's way: a LOGGED batch per chunk of trades, holding their ledger rows and the
         positions whose last trade is among them."""
         st = self._st
-        chunks: list[list[tuple[PreparedStatement, Row]]] = []
+        chunks: list[tuple[bytes, WriteRows]] = []  # each routed by its first trade's partition
         chunk_of: dict[tuple[str, int], int] = {}
         for i, t in enumerate(batch.trades):
+            bucket = ledger_bucket(t.seq)
             if i % LOGGED_TRADES_PER_BATCH == 0:
-                chunks.append([])
-            chunks[-1].append((st.ledger, (t.symbol, ledger_bucket(t.seq), *ledger_ints(t), t.seq)))
+                chunks.append((_routing_key((t.symbol, bucket)), []))
+            chunks[-1][1].append(_ledger_row(st, t, bucket))
             chunk_of[(t.symbol, t.seq)] = len(chunks) - 1
-        for (account, asset, symbol), p in batch.positions.items():
-            index = chunk_of.get((symbol, p.last_seq), len(chunks) - 1)
-            chunks[index].append((st.position, (account, asset, symbol, p.amount, p.last_seq, p.last_seq)))
-        return [_batch(BatchType.LOGGED, rows) for rows in chunks]
+        for key, position in batch.positions.items():
+            index = chunk_of.get((key[2], position.last_seq), len(chunks) - 1)
+            chunks[index][1].append(_position_row(st, key, position))
+        return [_batch(BatchType.LOGGED, rows, routing_key) for routing_key, rows in chunks]
 
     # ------------------------------------------------------------------------------------------- reads
 
