@@ -58,11 +58,12 @@ def write_wal(config: configmod.Config, records: int, symbols: int, accounts: in
 def resettle(records: int, *, store: str = "embedded", cassandra: CassandraTarget | None = None,
              symbols: int = 16, accounts: int = 1000, work_dir: Path | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="settle-bench-recovery-", dir=work_dir))
+    keyspace = keyspace_name("recovery")
     try:
         base: dict[str, Any] = {}
         if store == "cassandra":
             assert cassandra is not None
-            for dotted, value in cassandra.overrides(keyspace_name("recovery")).items():
+            for dotted, value in cassandra.overrides(keyspace).items():
                 configmod.set_dotted(base, dotted, value)
         raw = demo_config(root, 1, store, base)
         config = configmod.from_dict(raw, "bench-recovery")
@@ -84,6 +85,8 @@ def resettle(records: int, *, store: str = "embedded", cassandra: CassandraTarge
                 "records_per_s": result["recovered"] / result["start_s"], "complete": complete}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if cassandra is not None:
+            cassandra.drop(keyspace)
 
 
 async def _worker(config: configmod.Config) -> dict[str, Any]:

@@ -59,6 +59,22 @@ class CassandraTarget:
             "store.cassandra.create_schema": True,
         }
 
+    def drop(self, keyspace: str) -> None:
+        """Drop a keyspace a run made: left behind, dozens of them slow the server down measurably."""
+        drop_keyspaces(self.host, self.port, [keyspace])
+
+
+def drop_keyspaces(host: str, port: int, keyspaces: list[str]) -> None:
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster([host], port=port)
+    try:
+        session = cluster.connect()
+        for keyspace in keyspaces:
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+    finally:
+        cluster.shutdown()
+
 
 def keyspace_name(name: str) -> str:
     cleaned = "".join(c if c.isalnum() else "_" for c in name.lower())
@@ -173,6 +189,7 @@ class Bench:
         self.store = store
         self.root = Path(tempfile.mkdtemp(prefix=f"settle-bench-{name}-", dir=work_dir))
         merged = dict(overrides or {})
+        self.cassandra = cassandra
         if store == "cassandra":
             if cassandra is None:
                 raise ValueError(f"{name}: the cassandra store needs a running server (CassandraTarget)")
@@ -293,6 +310,8 @@ class Bench:
         self.system.stop()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self.store == "cassandra" and self.cassandra is not None:
+                self.cassandra.drop(self.system.config.store.cassandra.keyspace)
 
 
 def run_settle(name: str, *, trades: int, shards: int, store: str = "embedded", publisher: str = "blast",

@@ -35,6 +35,7 @@ from typing import Any
 
 from cassandra.concurrent import execute_concurrent
 
+from bench.settlerun import drop_keyspaces
 from engine.core.config import CassandraConfig
 from engine.core.messages import Trade
 from engine.core.settlement import Settler
@@ -150,28 +151,34 @@ async def compare(host: str, port: int, *, trades: int = 40_000, symbols: int = 
             finally:
                 await store.close()
 
-    def config(**overrides: Any) -> CassandraConfig:
-        return CassandraConfig(contact_points=[host], port=port, keyspace=f"bench_{uuid.uuid4().hex[:12]}",
-                               requests_in_flight_max=in_flight, **overrides)
+    made: list[str] = []  # dropped at the end: left behind, they slow the server down
 
-    # Warm-up, not reported: a freshly started JVM compiles its write path during the first tens of
-    # thousands of requests, and whichever mode ran first would pay for it.
-    await bench_raw(config(), batches, in_flight, grouped=True)
-    await bench_cassandra(config(), batches)
-    report("settle", await bench_settle(config(), stream, batch))
-    report("settle write only", await bench_cassandra(config(), batches))
-    raw: list[tuple[float, str]] = []
-    mode = f"raw batches c={in_flight}"
-    seconds = await bench_raw(config(), batches, in_flight, grouped=True)
-    report(mode, seconds)
-    raw.append((rows / seconds, mode))
-    if logged:
-        report("settle logged", await bench_cassandra(config(logged_batches=True), batches))
-    for concurrency in concurrencies:
-        mode = f"raw rows c={concurrency}"
-        seconds = await bench_raw(config(), batches, concurrency, grouped=False)
+    def config(**overrides: Any) -> CassandraConfig:
+        made.append(f"bench_{uuid.uuid4().hex[:12]}")
+        return CassandraConfig(contact_points=[host], port=port, keyspace=made[-1], requests_in_flight_max=in_flight,
+                               **overrides)
+
+    try:
+        # Warm-up, not reported: a freshly started JVM compiles its write path during the first tens of
+        # thousands of requests, and whichever mode ran first would pay for it.
+        await bench_raw(config(), batches, in_flight, grouped=True)
+        await bench_cassandra(config(), batches)
+        report("settle", await bench_settle(config(), stream, batch))
+        report("settle write only", await bench_cassandra(config(), batches))
+        raw: list[tuple[float, str]] = []
+        mode = f"raw batches c={in_flight}"
+        seconds = await bench_raw(config(), batches, in_flight, grouped=True)
         report(mode, seconds)
         raw.append((rows / seconds, mode))
+        if logged:
+            report("settle logged", await bench_cassandra(config(logged_batches=True), batches))
+        for concurrency in concurrencies:
+            mode = f"raw rows c={concurrency}"
+            seconds = await bench_raw(config(), batches, concurrency, grouped=False)
+            report(mode, seconds)
+            raw.append((rows / seconds, mode))
+    finally:
+        await asyncio.to_thread(drop_keyspaces, host, port, made)
     ceiling, best = max(raw)  # the driver's best way of writing these rows, whichever it is
     by_mode = {r["mode"]: r for r in results}
     out: dict[str, Any] = {
