@@ -17,6 +17,8 @@ from engine.core.store.base import Batch, Position, PositionKey
 class NullStore:
     """The :class:`~engine.core.store.base.Store` protocol, with every write discarded."""
 
+    read_ahead = False
+
     def __init__(self) -> None:
         self.batches = 0
         self.trades = 0

@@ -460,6 +460,8 @@ class Shard(SettleStage):
         commit_wait = self.m.stage["commit_wait"]
         for at in accepted_at:
             commit_wait.observe((started_ns - at) / 1e9)
+        if self.store is not None and self.store.read_ahead and self.settler is not None:
+            self.settler.read_ahead(trades)  # their positions, read while the WAL commits
         backoff = Backoff(WAL_RETRY_S_FIRST, RETRY_BACKOFF_S_MAX)
         while True:
             try:
@@ -631,6 +633,8 @@ class Shard(SettleStage):
     async def close(self) -> None:
         if self.gaps is not None:
             self.gaps.close()
+        if self.settler is not None:
+            self.settler.forget()  # and its reads ahead
         if self.store is not None:
             await self.store.close()
         if self.wal is not None:

@@ -9,6 +9,8 @@ from engine.core.store.base import Batch, Position, PositionKey
 
 
 class MemoryStore:
+    read_ahead = False
+
     def __init__(self) -> None:
         self.ledger_rows: dict[str, dict[int, int]] = defaultdict(dict)
         self.rows: dict[PositionKey, Position] = {}

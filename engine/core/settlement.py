@@ -16,6 +16,8 @@ Every column sums to zero, so every asset's total over all accounts is conserved
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Final
@@ -24,6 +26,8 @@ from engine.core.messages import SCALE_MAX, Trade, notional, split_symbol
 from engine.core.store.base import ZERO, Batch, Position, PositionKey, Store
 
 _POW10: Final = tuple(10**scale for scale in range(SCALE_MAX + 1))
+
+log = logging.getLogger("settle.settler")
 
 
 def deltas(trade: Trade, fee_account: int) -> dict[tuple[int, str], int]:
@@ -52,13 +56,14 @@ def position_keys(trades: Iterable[Trade], fee_account: int) -> set[PositionKey]
 class _Book:
     """One symbol's cached positions: ``account * 2`` holds the base asset, ``account * 2 + 1`` the quote."""
 
-    __slots__ = ("symbol", "base", "quote", "plain", "positions")
+    __slots__ = ("symbol", "base", "quote", "plain", "positions", "reading")
 
     def __init__(self, symbol: str) -> None:
         self.symbol = symbol
         self.base, self.quote = split_symbol(symbol)
         self.plain = self.base != self.quote  # the unrolled arithmetic applies (see Settler._plan)
         self.positions: dict[int, list[int]] = {}  # int key -> [amount, last_seq]
+        self.reading: dict[int, asyncio.Task[None]] = {}  # int key -> the read ahead that fetches it
 
     def key(self, ikey: int) -> PositionKey:
         account, quote = divmod(ikey, 2)
@@ -86,6 +91,13 @@ class Settler:
         self._store = store
         self._fee_account = fee_account
         self._books: dict[str, _Book] = {}
+        self._reads_ahead: set[asyncio.Task[None]] = set()
+
+    def _book(self, symbol: str) -> _Book:
+        book = self._books.get(symbol)
+        if book is None:
+            book = self._books[symbol] = _Book(symbol)
+        return book
 
     @property
     def cached_positions(self) -> int:
@@ -118,9 +130,7 @@ class Settler:
         planned: list[tuple[_Book, tuple[int, ...]]] = []
         missing: dict[_Book, set[int]] = {}
         for trade in trades:
-            book = books.get(trade.symbol)
-            if book is None:
-                book = books[trade.symbol] = _Book(trade.symbol)
+            book = books.get(trade.symbol) or self._book(trade.symbol)
             changes = plan(trade, book)
             planned.append((book, changes))
             positions = book.positions
@@ -131,11 +141,7 @@ class Settler:
                         absent = missing[book] = set()
                     absent.add(ikey)
         if missing:
-            wanted = {book.key(ikey): (book, ikey) for book, absent in missing.items() for ikey in absent}
-            loaded = await self._store.load_positions(list(wanted))
-            for key, (book, ikey) in wanted.items():
-                row = loaded.get(key, ZERO)
-                book.positions[ikey] = [row.amount, row.last_seq]
+            await self._read_missing(missing)
         touched: dict[_Book, dict[int, list[int]]] = {}
         watermarks: dict[str, int] = {}
         for trade, (book, changes) in zip(trades, planned, strict=True):
@@ -160,6 +166,65 @@ class Settler:
                 out[key_of(ikey)] = Position(current[0], current[1])
         return Batch(trades, out, watermarks)
 
+    async def _read_missing(self, missing: dict[_Book, set[int]]) -> None:
+        """Cache the positions ``missing``: wait for the reads ahead that fetch some of them, read the rest."""
+        ahead = {book.reading[ikey] for book, absent in missing.items() for ikey in absent if ikey in book.reading}
+        if ahead:
+            await asyncio.wait(ahead)
+        wanted = {book.key(ikey): (book, ikey)
+                  for book, absent in missing.items() for ikey in absent if ikey not in book.positions}
+        if wanted:  # not read ahead, or that read failed: this one's errors are prepare's (the caller retries)
+            await self._read(wanted)
+
+    async def _read(self, wanted: dict[PositionKey, tuple[_Book, int]]) -> None:
+        """Read positions into the cache. Only keys still absent are filled: a key read twice (ahead and by
+        prepare) may already hold trades folded since, and the store's row never does."""
+        loaded = await self._store.load_positions(list(wanted))
+        for key, (book, ikey) in wanted.items():
+            if ikey not in book.positions:
+                row = loaded.get(key, ZERO)
+                book.positions[ikey] = [row.amount, row.last_seq]
+
+    def read_ahead(self, trades: list[Trade]) -> None:
+        """Start reading the positions ``trades`` will touch that are neither cached nor being read, and
+        return at once: :meth:`prepare` then finds them cached, or waits for this read instead of starting
+        its own. A shard calls it as the trades' WAL commit starts, so on a store whose reads wait on the
+        network the read overlaps the fdatasync. A read ahead that fails is only logged: prepare reads what
+        is still missing, and retries or stops as it always does."""
+        wanted: dict[PositionKey, tuple[_Book, int]] = {}
+        books = self._books
+        for trade in trades:
+            book = books.get(trade.symbol) or self._book(trade.symbol)
+            positions = book.positions
+            b, s = trade.buyer * 2, trade.seller * 2
+            if b in positions and b + 1 in positions and s in positions and s + 1 in positions:
+                continue  # the usual case once warm (the fee account's key is cached after its first trade)
+            reading = book.reading
+            for ikey in self._plan(trade, book)[::2]:
+                if ikey not in positions and ikey not in reading:
+                    wanted[book.key(ikey)] = (book, ikey)
+        if not wanted:
+            return
+        task = asyncio.ensure_future(self._read_quietly(wanted))
+        for book, ikey in wanted.values():
+            book.reading[ikey] = task
+        self._reads_ahead.add(task)
+        task.add_done_callback(self._reads_ahead.discard)
+
+    async def _read_quietly(self, wanted: dict[PositionKey, tuple[_Book, int]]) -> None:
+        try:
+            await self._read(wanted)
+        except Exception as e:  # noqa: BLE001 - prepare reads these keys again and handles its own errors
+            log.debug("reading %d positions ahead failed (prepare reads them): %s", len(wanted), e)
+        finally:
+            me = asyncio.current_task()
+            for book, ikey in wanted.values():
+                if book.reading.get(ikey) is me:
+                    del book.reading[ikey]
+
     def forget(self) -> None:
-        """Drop the cache (after the store may have been written by someone else, e.g. offline recover)."""
+        """Drop the cache (after the store may have been written by someone else, e.g. offline recover), and
+        the reads ahead under way."""
+        for task in self._reads_ahead:
+            task.cancel()
         self._books.clear()

@@ -4,6 +4,7 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.core.errors import StoreUnavailable
 from engine.core.messages import check_trade, notional
 from engine.core.settlement import Settler, deltas
 from engine.core.store.base import Batch, Position, PositionKey
@@ -171,3 +172,92 @@ def test_prepare_equals_the_plain_fold_from_any_partly_written_state(rows, split
             store.rows.update(batch.positions)
     assert {k: p.amount for k, p in written.items()} == {k: p.amount for k, p in full.items()}
     assert written == full
+
+
+class GatedStore(MemoryStore):
+    """Each read waits until the test opens its gate; the first ``failures`` reads then fail."""
+
+    def __init__(self, rows: dict[PositionKey, Position] | None = None, failures: int = 0) -> None:
+        super().__init__(rows)
+        self.gates: list[asyncio.Event] = []
+        self.failures = failures
+
+    async def load_positions(self, keys: list[PositionKey]) -> dict[PositionKey, Position]:
+        self.loads.append(keys)
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the store is down")
+        return {k: self.rows[k] for k in keys if k in self.rows}
+
+    async def reads_started(self, count: int) -> None:
+        """Let the loop run until ``count`` reads have begun (each turn is a yield, not a wait on time)."""
+        for _ in range(100):
+            if len(self.gates) >= count:
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"{len(self.gates)} reads began, not {count}")
+
+
+BUYER_BTC = (1, "BTC", "BTC-USDT")
+
+
+def test_prepare_waits_for_the_read_ahead_instead_of_reading_again() -> None:
+    async def main() -> None:
+        store = GatedStore({BUYER_BTC: Position(5, 0)})
+        settler = Settler(store, fee_account=0)  # type: ignore[arg-type]
+        trades = [trade(seq=1)]
+        settler.read_ahead(trades)
+        settler.read_ahead(trades)  # the same keys, already being read
+        await store.reads_started(1)
+        preparing = asyncio.ensure_future(settler.prepare(trades))
+        await asyncio.sleep(0)
+        assert not preparing.done()  # waiting for the read ahead
+        store.gates[0].set()
+        batch = await asyncio.wait_for(preparing, 10)
+        assert len(store.loads) == 1
+        assert batch.positions[BUYER_BTC] == Position(5 + 1_000_000, 1)
+        settler.read_ahead([trade(seq=2)])  # cached now: nothing to read
+        assert len(store.loads) == 1
+
+    asyncio.run(main())
+
+
+def test_a_failed_read_ahead_is_read_again_by_prepare() -> None:
+    async def main() -> None:
+        store = GatedStore({BUYER_BTC: Position(5, 0)}, failures=1)
+        settler = Settler(store, fee_account=0)  # type: ignore[arg-type]
+        settler.read_ahead([trade(seq=1)])
+        await store.reads_started(1)
+        preparing = asyncio.ensure_future(settler.prepare([trade(seq=1)]))
+        store.gates[0].set()
+        await store.reads_started(2)
+        store.gates[1].set()
+        batch = await asyncio.wait_for(preparing, 10)
+        assert len(store.loads) == 2
+        assert batch.positions[BUYER_BTC] == Position(5 + 1_000_000, 1)
+
+    asyncio.run(main())
+
+
+def test_a_read_ahead_answered_late_never_undoes_a_fold() -> None:
+    """prepare reads a position itself; a read ahead of the same key starts meanwhile and is answered after
+    the fold: the store's older row must not replace the folded one."""
+
+    async def main() -> None:
+        store = GatedStore({BUYER_BTC: Position(5, 0)})
+        settler = Settler(store, fee_account=0)  # type: ignore[arg-type]
+        first = asyncio.ensure_future(settler.prepare([trade(seq=1)]))
+        await store.reads_started(1)
+        settler.read_ahead([trade(seq=2)])  # same keys, not cached yet, not being read ahead
+        await store.reads_started(2)
+        store.gates[0].set()
+        assert (await first).positions[BUYER_BTC] == Position(5 + 1_000_000, 1)
+        store.gates[1].set()
+        await asyncio.wait(settler._reads_ahead)
+        second = await settler.prepare([trade(seq=2)])
+        assert second.positions[BUYER_BTC] == Position(5 + 2_000_000, 2)
+
+    asyncio.run(main())

@@ -49,6 +49,11 @@ class Batch:
 class Store(Protocol):
     """What a shard, the CLI and the checker need from a store. All methods are coroutines."""
 
+    # Whether a shard reads the positions of trades ahead, as their WAL commit starts (Settler.read_ahead):
+    # worth it where a read waits on the network, so it overlaps the fdatasync; not where it would take the
+    # shard's own CPU at that moment (SQLite in the shard's process).
+    read_ahead: bool
+
     async def write(self, batch: Batch) -> None:
         """Ledger and positions, visible when it returns; the batch's watermarks then, or at the latest
         with the next write or ``sync``. Idempotent; raises StoreUnavailable (retriable)."""

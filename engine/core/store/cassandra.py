@@ -490,6 +490,8 @@ class _FanOut:
 class CassandraStore:
     """The :class:`~engine.core.store.base.Store` on ScyllaDB/Cassandra. Open with :meth:`open`."""
 
+    read_ahead = True  # a read is a round trip: it overlaps the WAL commit
+
     def __init__(
         self, config: CassandraConfig, cluster: Cluster, session: Session, statements: _Statements
     ) -> None:

@@ -125,6 +125,8 @@ def _transaction(body: Callable[[sqlite3.Connection], object]) -> Callable[[sqli
 class EmbeddedStore:
     """The :class:`~engine.core.store.base.Store` on SQLite. Open with :meth:`open`."""
 
+    read_ahead = False  # a read is the shard's own CPU
+
     def __init__(self, path: str, conn: sqlite3.Connection) -> None:
         self._path = path
         self._conn: sqlite3.Connection | None = conn
