@@ -9,7 +9,10 @@ Scenarios (``--only`` picks some; each one's failure is recorded and the run goe
                 fsync per trade (``wal.batch_trades_max = 1``) against group commit
 ``cassandra``   the store's write path against the raw driver's ceiling for the same rows; LOGGED
                 against the default; Cassandra's start-up time
-``latency``     ME timestamp to store commit, p50/p99/p99.9, at 50% and 90% of the maximum rate
+``sustained``   the highest rate each store holds for 5 minutes (30%, 45%, 60% and 75% of its burst rate,
+                lowest first, until one fails: the lag's p99 in the last minute above the second's)
+``latency``     ME timestamp to store commit, p50/p99/p99.9 and the stages, at 50% and 90% of the
+                sustained rate (of the burst rate when ``sustained`` did not run)
 ``recovery``    re-settling 1M pending WAL records; a SIGKILLed shard settling again under load
 ``replay``      lost trades (``settle sim --drop``): their time to settlement by replay, busy and quiet
                 symbols, two heartbeat intervals; a fresh engine catching up 500k trades by replay
@@ -17,8 +20,8 @@ Scenarios (``--only`` picks some; each one's failure is recorded and the run goe
 ``others``      ``bench.metrics_cost`` and ``bench.kafka_vs_zmq``, when present (full runs only)
 
 Results: ``OUT/bench.json`` (written after every scenario, so a failed run keeps what it measured),
-``OUT/throughput.png``, ``OUT/latency.png``, ``OUT/memory.png``; with ``--doc FILE`` the tables also go
-into FILE's generated section (:mod:`bench.report`). Nothing here asserts a speed: the
+``OUT/throughput.png``, ``OUT/latency.png``, ``OUT/latency-vs-rate.png``, ``OUT/memory.png``; with
+``--doc FILE`` the tables also go into FILE's generated section (:mod:`bench.report`). Nothing here asserts a speed: the
 targets of issue 7 are evaluated and reported as met or missed. The exit code is non-zero only when a
 scenario failed or a run's result did not verify.
 """

@@ -124,27 +124,65 @@ def test_a_range_is_capped_at_the_request_size() -> None:
 def test_a_replay_delivery_wakes_an_idle_intake() -> None:
     """Intake waiting on its socket returns when the gap filler delivers trades, with no live frame."""
     from engine.core import config as configmod
-    from shards.shard import Shard
+    from shards.shard import Shard, _Readable
 
     shard = Shard(configmod.load(None, ["metrics.enabled=false"]), 0)
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     sock.bind("inproc://intake")
-    raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
 
     async def main() -> bool:
-        waiting = asyncio.create_task(shard._wait_for_input(sock, raw, 600_000))  # ten minutes, unless woken
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert not waiting.done()
-        shard._deliver_replay([make_trade(seq=1)])
-        return await asyncio.wait_for(waiting, 30)
+        shard._input = _Readable(sock)
+        try:
+            waiting = asyncio.create_task(shard._wait_for_input(600_000))  # ten minutes, unless woken
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert not waiting.done()
+            shard._deliver_replay([make_trade(seq=1)])
+            return await asyncio.wait_for(waiting, 30)
+        finally:
+            shard._input.close()
 
     try:
         assert asyncio.run(main()) is False  # woken by the delivery, no frame on the socket
         assert len(shard._replayed) == 1
     finally:
         sock.close(0)
+        ctx.term()
+
+
+def test_intake_wakes_for_a_message_and_not_for_nothing() -> None:
+    """The socket's descriptor wakes a waiting intake for a message; with none, the wait lasts its timeout."""
+    from shards.shard import _Readable
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("inproc://readable")
+    push = ctx.socket(zmq.PUSH)
+    push.connect("inproc://readable")
+
+    async def main() -> tuple[bool, float, bool]:
+        readable = _Readable(pull)
+        try:
+            started = time.monotonic()
+            idle = await readable.wait(0.2)
+            idle_s = time.monotonic() - started
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, push.send, b"x")
+            woken = await asyncio.wait_for(readable.wait(600), 30)  # ten minutes, unless the message wakes it
+            return idle, idle_s, woken
+        finally:
+            readable.close()
+
+    try:
+        idle, idle_s, woken = asyncio.run(main())
+        assert idle is False
+        assert idle_s >= 0.19
+        assert woken is True
+        assert pull.recv(zmq.NOBLOCK) == b"x"
+    finally:
+        push.close(0)
+        pull.close(0)
         ctx.term()
 
 
