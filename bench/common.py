@@ -75,6 +75,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def busy_ticks(cpu_line: str) -> int:
+    """Busy clock ticks in a ``/proc/stat`` ``cpu`` line: user, nice, system, irq, softirq and steal; not idle
+    or I/O wait (guest time is already counted in user)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in cpu_line.split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (every core, every process, the kernel) since boot."""
+    with open("/proc/stat") as f:
+        return busy_ticks(f.readline()) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pid: int) -> int | None:
     """VmRSS of a live process; None when it is gone."""
     try:

@@ -9,17 +9,30 @@ bucket like Prometheus' ``histogram_quantile`` (buckets: ``engine.metrics.LATENC
 or under 25 ms is exact (25 ms is a bound). ``settle_stage_seconds`` splits each trade's lag by stage
 (ME to intake, the group commit's wait and fdatasync, the wait for the store, position reads, the store
 write); its means add up to the lag's mean, and each rate prints them. ``engine_cpu_us_per_trade`` is the
-CPU the supervisor, the router and the shards used over the same window (``/proc``), per settled trade.
+CPU the supervisor, the router and the shards used over the same window (``/proc``), per settled trade;
+``cores`` says where the machine's cores went in that window (the shards, the router, the simulator, and
+everything else: the store's server when it runs on the same box, the benchmark itself), because below
+capacity a trade's time is mostly waits for a core once they are busy.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import fraction_at_most, histogram_buckets, histogram_sum, quantile, scrape, subtract
+from bench.common import (
+    cpu_seconds,
+    fraction_at_most,
+    histogram_buckets,
+    histogram_sum,
+    machine_busy_s,
+    quantile,
+    scrape,
+    subtract,
+)
 from bench.settlerun import Bench, CassandraTarget
 from engine.core import metrics
 
@@ -77,6 +90,25 @@ def stage_rows(name: str, hists: dict[str, Histogram]) -> list[dict[str, Any]]:
     return rows
 
 
+def _cpu_by_part(bench: Bench) -> dict[str, float]:
+    """CPU seconds so far of the shards, the router (with the supervisor), the simulator, and the machine."""
+    out = {"shards": 0.0, "router": 0.0, "simulator": 0.0, "machine": machine_busy_s()}
+    for slot, pid in bench.engine_pids().items():
+        out["shards" if slot.startswith("shard") else "router"] += cpu_seconds(pid)
+    sim = bench.system.sim
+    if sim is not None and sim.poll() is None:
+        out["simulator"] = cpu_seconds(sim.pid)
+    return out
+
+
+def cores_busy(after: dict[str, float], before: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores busy on average over ``seconds`` between two :func:`_cpu_by_part` readings, by part; ``other``
+    is the machine's less the parts (the store's server on the same box, the benchmark, the rest)."""
+    cores = {part: (after[part] - before[part]) / seconds for part in after}
+    cores["other"] = max(0.0, cores["machine"] - cores["shards"] - cores["router"] - cores["simulator"])
+    return cores
+
+
 def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, store: str = "embedded",
                 cassandra: CassandraTarget | None = None, symbols: int = 16, accounts: int = 1000,
                 work_dir: Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -93,14 +125,18 @@ def run_latency(name: str, *, rate: float, seconds: float, shards: int = 0, stor
         progress.wait_for(warm_at)
         before = histograms(bench)
         started, settled_before, cpu_before = time.monotonic(), progress.settled, bench.engine_cpu_s()
+        parts_before = _cpu_by_part(bench)
         progress.wait_for(trades)
+        parts_after = _cpu_by_part(bench)
         settled = progress.settled - settled_before
-        achieved = settled / max(time.monotonic() - started, 1e-9)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        achieved = settled / elapsed
         cpu_us = (bench.engine_cpu_s() - cpu_before) / max(settled, 1) * 1e6
         hists = window(histograms(bench), before)
         verified = bench.verify().ok if store != "null" else None
     return {"name": name, "store": store, "shards": bench.shards, "rate": rate, "trades": trades,
             "settled_per_s": achieved, "engine_cpu_us_per_trade": cpu_us, "verified": verified,
+            "cores": cores_busy(parts_after, parts_before, elapsed),
             **summarize(hists["lag"][0]),
             "stages": stage_rows(name, hists)}
 
@@ -135,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table([rows[-1]], ["name", "rate", "settled_per_s", "engine_cpu_us_per_trade", "count", "p50_ms",
                                  "p99_ms", "p999_ms", "share_le_25ms", "verified"]), flush=True)
         print(table(rows[-1]["stages"], ["name", "stage", "count", "mean_ms", "p50_ms", "p99_ms"]), flush=True)
+        cores = rows[-1]["cores"]
+        print(f"{rows[-1]['name']}: cores busy {cores['machine']:.2f} of {os.cpu_count()}: shards "
+              f"{cores['shards']:.2f}, router {cores['router']:.2f}, simulator {cores['simulator']:.2f}, "
+              f"other processes {cores['other']:.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(clean_json(rows), indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.out}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.common import busy_ticks
 from bench.latency import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +33,11 @@ def _finite_numbers(value: Any) -> bool:
     if isinstance(value, list):
         return all(_finite_numbers(v) for v in value)
     return True
+
+
+def test_busy_ticks_leave_out_idle_and_io_wait() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    assert busy_ticks("cpu  100 2 30 5000 70 4 5 6 50 0") == 100 + 2 + 30 + 4 + 5 + 6
 
 
 def test_quick_bench_writes_well_formed_json(tmp_path: Path) -> None:
@@ -70,6 +77,12 @@ def test_quick_bench_writes_well_formed_json(tmp_path: Path) -> None:
         assert level["p50_ms"] <= level["p99_ms"] <= level["p999_ms"]
         assert level["buckets"][-1][0] is None  # +Inf, written as null
         assert [s["stage"] for s in level["stages"]] == ["lag", *STAGES]
+        cores = level["cores"]  # where the machine's cores went: each part was busy, all within the machine
+        assert cores["shards"] > 0
+        assert cores["router"] > 0
+        assert cores["simulator"] > 0
+        assert cores["shards"] + cores["router"] + cores["simulator"] <= cores["machine"] + 0.1
+        assert cores["machine"] <= (os.cpu_count() or 1) + 0.1
     assert {level["fraction"] for level in results["latency"]["runs"]} == {0.5, 0.9}
 
     (resettle,) = results["recovery"]["resettle"]
