@@ -706,8 +706,10 @@ class CassandraStore:
         # waits up to 2 s for a free stream of a connection that is being replaced (its requests timed out,
         # the node is down or coming back), and on the loop that wait, once per statement, silenced the
         # shard's heartbeat until the supervisor killed it as hung.
+        # Submitted, not run_in_executor: nothing waits for pump to return (the answers resolve ``done``), and
+        # an asyncio future chained to it would cost the loop a wake-up per request round for nothing.
         try:
-            loop.run_in_executor(self._sender, fan_out.pump, min(len(statements), self._config.requests_in_flight_max))
+            self._sender.submit(fan_out.pump, min(len(statements), self._config.requests_in_flight_max))
         except RuntimeError:  # the store is closing: its sender is gone
             done.set_exception(ClosedError(f"{self._where}: the store is closed"))
         return done
