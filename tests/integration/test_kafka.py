@@ -115,8 +115,11 @@ def test_sigkill_a_shard_holding_a_batch_the_store_has_not_taken(make_system: Ca
     system.start_bridge()
     system.start_shard(0)
     system.start_shard(1)
-    system.start_sim(40_000, rate=8_000)
+    system.start_sim(80_000, rate=8_000)
     system.wait_settled(5_000, at_least=True)
+    # shard-0 must be consuming when the store stops taking writes: a member still joining the group holds no
+    # batch, and its join cannot complete while shard-1 waits on the store with its partitions in hand.
+    wait_metric(system, "shard-0", "settle_trades_settled_total", 1)
     with contextlib.closing(sqlite3.connect(system.config.store.path, timeout=30, isolation_level=None)) as db:
         db.execute("BEGIN EXCLUSIVE")  # the store stops taking writes
         wait_metric(system, "shard-0", "settle_store_inflight_batches", 1)  # a batch waits for the store
