@@ -49,7 +49,7 @@ def render(results: dict[str, Any], doc_dir: Path, out_dir: Path) -> str:
 
     targets = results.get("targets", [])
     if targets:
-        lines += ["### Targets (issue 7)", ""]
+        lines += ["### Targets", ""]
         lines += _table(["target", "value", "goal", "met", "how"], [
             [t["target"], _num(t["value"], 3 if abs(t["value"] or 0) < 10 else 1), t["goal"],
              {True: "yes", False: "**no**", None: "-"}[t["met"]], t["detail"]] for t in targets])
