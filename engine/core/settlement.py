@@ -123,18 +123,22 @@ class Settler:
         """Fold ``trades`` (each symbol's in sequence order) into a store batch.
 
         The cache moves forward at once: when ``store.write(batch)`` fails, retry that same batch until
-        it succeeds; never prepare the same trades again (they would fold to nothing).
+        it succeeds; never prepare the same trades again (they would fold to nothing). Nothing is folded
+        before every position the batch touches is cached: a failed read leaves the cache as it was.
         """
         books = self._books
         plan = self._plan
-        planned: list[tuple[_Book, tuple[int, ...]]] = []
+        fee = self._fee_account
+        fee_quote = fee * 2 + 1
         missing: dict[_Book, set[int]] = {}
         for trade in trades:
             book = books.get(trade.symbol) or self._book(trade.symbol)
-            changes = plan(trade, book)
-            planned.append((book, changes))
             positions = book.positions
-            for ikey in changes[::2]:
+            b, s = trade.buyer * 2, trade.seller * 2
+            if book.plain and b in positions and b + 1 in positions and s in positions and s + 1 in positions \
+                    and fee_quote in positions:
+                continue  # the usual case once warm: every key a trade of this book can touch is cached
+            for ikey in plan(trade, book)[::2]:
                 if ikey not in positions:
                     absent = missing.get(book)
                     if absent is None:
@@ -144,19 +148,21 @@ class Settler:
             await self._read_missing(missing)
         touched: dict[_Book, dict[int, list[int]]] = {}
         watermarks: dict[str, int] = {}
-        for trade, (book, changes) in zip(trades, planned, strict=True):
+        for trade in trades:
             symbol, seq = trade.symbol, trade.seq
             assert watermarks.get(symbol, 0) < seq, f"{symbol} seq {seq} out of order in a batch"
             watermarks[symbol] = seq
+            book = books[symbol]
             positions = book.positions
             mine = touched.get(book)
             if mine is None:
                 mine = touched[book] = {}
-            pairs = iter(changes)
-            for ikey, change in zip(pairs, pairs, strict=True):
+            changes = plan(trade, book)
+            for i in range(0, len(changes), 2):
+                ikey = changes[i]
                 current = positions[ikey]
                 if seq > current[1]:
-                    current[0] += change
+                    current[0] += changes[i + 1]
                     current[1] = seq
                     mine[ikey] = current
         out: dict[PositionKey, Position] = {}

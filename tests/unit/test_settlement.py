@@ -261,3 +261,36 @@ def test_a_read_ahead_answered_late_never_undoes_a_fold() -> None:
         assert second.positions[BUYER_BTC] == Position(5 + 2_000_000, 2)
 
     asyncio.run(main())
+
+
+def test_a_failed_read_folds_nothing_so_the_retry_writes_every_position() -> None:
+    """The shard retries a prepare whose read failed. Had the trades before the uncached one been folded
+    already, the retry would find their positions holding them and leave them out of its batch."""
+
+    async def main() -> None:
+        store = GatedStore(failures=1)
+        settler = Settler(store, fee_account=0)  # type: ignore[arg-type]
+        warm = asyncio.ensure_future(settler.prepare([trade(seq=1)]))
+        await store.reads_started(1)
+        store.failures = 0
+        store.gates[0].set()
+        await warm
+        store.failures = 1
+        trades = [trade(seq=2), trade(seq=3, buyer=9)]  # the first cached, the second's buyer is not
+        failing = asyncio.ensure_future(settler.prepare(trades))
+        await store.reads_started(2)
+        store.gates[1].set()
+        try:
+            await failing
+            raise AssertionError("the read should have failed")
+        except StoreUnavailable:
+            pass
+        retry = asyncio.ensure_future(settler.prepare(trades))
+        await store.reads_started(3)
+        store.gates[2].set()
+        batch = await retry
+        assert batch.positions[BUYER_BTC] == Position(2_000_000, 2)
+        assert batch.positions[(9, "BTC", "BTC-USDT")] == Position(1_000_000, 3)
+        assert batch.positions[(2, "BTC", "BTC-USDT")] == Position(-3_000_000, 3)
+
+    asyncio.run(main())
