@@ -6,7 +6,9 @@ that the shard's loop holds (measured: store writes 4x slower, p50 latency 4x hi
 Only a large batch (more than ``INLINE_TRADES_MAX`` trades: a shard catching up, or flat out) goes to the
 store's own thread, where writing it overlaps the shard's intake (about 10% more trades/s flat out). A
 write waits at most ``busy_timeout_ms`` for another shard's write lock, then fails as unavailable and the
-shard retries it with backoff, so the loop never stalls for long.
+shard retries it with backoff, so the loop never stalls for long. SQLite's automatic checkpoint (at 1,000
+pages of WAL, in the commit of whichever write passes them) is what sets the tail of a trade's latency on
+this store; moving it, or changing its size, trades the p50 against the p99 (``docs/performance.md``).
 
 A batch is one transaction (``BEGIN IMMEDIATE`` .. ``COMMIT``) in WAL journal mode with
 ``synchronous=NORMAL``: once :meth:`EmbeddedStore.write` returns the batch is visible to every reader,
