@@ -172,7 +172,7 @@ class Shard(SettleStage):
     async def start(self, *, repair_corruption: bool = False, progress: Progress | None = None) -> None:
         """Open the store and the WAL, re-settle every WAL record above the store's watermark."""
         cfg = self.config
-        self.store = await self._retry("connect to the store", lambda: open_store(cfg.store))
+        self.store = await self._retry("connect to the store", lambda: open_store(cfg.store, shard=self.shard))
         store = self.store
         self.m.track_store_requests(lambda: float(getattr(store, "requests_in_flight", 0)))
         self.settler = Settler(self.store, cfg.engine.fee_account)

@@ -93,7 +93,7 @@ class StoreConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Benchmarks only: "module:Class" of a store opened instead of `kind` (bench.nullstore discards every write);
     # refused unless engine.benchmark_unsafe.
     factory: str = ""
-    path: str = "var/settle.db"  # embedded store file
+    path: str = "var/settle.db"  # embedded store: names its files (each shard writes settle.shard-N.db)
     cassandra: CassandraConfig = CassandraConfig()
 
 

@@ -117,7 +117,7 @@ class KafkaShard(SettleStage):
     # ---------------------------------------------------------------- start-up
 
     async def start(self) -> None:
-        self.store = await self._retry("connect to the store", lambda: open_store(self.config.store))
+        self.store = await self._retry("connect to the store", lambda: open_store(self.config.store, shard=self.shard))
         self.settler = Settler(self.store, self.config.engine.fee_account)
         settings = {**self.kafka.consumer_settings(f"settle-shard-{self.shard}"), "error_cb": self._on_error,
                     "on_commit": self._on_commit}

@@ -20,13 +20,14 @@ import sqlite3
 import subprocess
 import sys
 from collections import defaultdict
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from engine.core.errors import EXIT_USAGE
 from engine.core.messages import Trade
-from engine.core.store.embedded import EmbeddedStore
+from engine.core.store.embedded import EmbeddedStore, shard_file, store_files
 from engine.sim.melog import read_all
 from engine.verify import chaos, chaos_cluster, chaos_faults, lazyfs
 from engine.verify.checker import CheckReport, check
@@ -65,10 +66,32 @@ def settled(tmp_path_factory: pytest.TempPathFactory) -> System:
         system.wait_settled()
     finally:
         system.stop()
-    with sqlite3.connect(system.config.store.path) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in settle.db: copies are whole
-    conn.close()
+    merge_into_one_file(system.config.store.path)
     return system
+
+
+def merge_into_one_file(path: str) -> None:
+    """Fold the store's shard files into ``path`` by the store's own rules (a ledger row once, each position's
+    newest row, each symbol's largest watermark) and delete them: the tests below copy and edit one file."""
+    files = store_files(path)
+    assert files == [path, *(shard_file(path, shard) for shard in (0, 1))]  # the readers' file, one per shard
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        for other in files[1:]:
+            conn.execute("ATTACH ? AS other", (other,))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR IGNORE INTO ledger SELECT * FROM other.ledger")
+            conn.execute("INSERT INTO positions SELECT * FROM other.positions WHERE true ON CONFLICT "
+                         "(account, asset, symbol) DO UPDATE SET amount = excluded.amount, last_seq = "
+                         "excluded.last_seq WHERE excluded.last_seq > positions.last_seq")
+            conn.execute("INSERT INTO watermarks SELECT * FROM other.watermarks WHERE true ON CONFLICT (symbol) "
+                         "DO UPDATE SET seq = max(seq, excluded.seq)")
+            conn.execute("COMMIT")
+            conn.execute("DETACH other")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the file itself: copies are whole
+    for other in files[1:]:
+        for leftover in (other, other + "-wal", other + "-shm"):
+            Path(leftover).unlink(missing_ok=True)
+    assert store_files(path) == [path]
 
 
 def copy_store(system: System, tmp_path: Path, name: str) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from engine.core.store.embedded import store_files
 from engine.verify.kafka_testbed import KafkaSystem
 from tests.conftest import server_unavailable
 from tests.servers.kafka import KafkaServer, KafkaServerError
@@ -120,11 +121,12 @@ def test_sigkill_a_shard_holding_a_batch_the_store_has_not_taken(make_system: Ca
     # shard-0 must be consuming when the store stops taking writes: a member still joining the group holds no
     # batch, and its join cannot complete while shard-1 waits on the store with its partitions in hand.
     wait_metric(system, "shard-0", "settle_trades_settled_total", 1)
-    with contextlib.closing(sqlite3.connect(system.config.store.path, timeout=30, isolation_level=None)) as db:
-        db.execute("BEGIN EXCLUSIVE")  # the store stops taking writes
+    with contextlib.ExitStack() as stack:
+        for path in store_files(system.config.store.path):  # every shard writes a file of its own
+            db = stack.enter_context(contextlib.closing(sqlite3.connect(path, timeout=30, isolation_level=None)))
+            db.execute("BEGIN EXCLUSIVE")  # the store stops taking writes
         wait_metric(system, "shard-0", "settle_store_inflight_batches", 1)  # a batch waits for the store
         system.kill("shard-0")
-        db.execute("ROLLBACK")
     system.start_shard(0)
     system.wait_settled()
     assert_exact(system)

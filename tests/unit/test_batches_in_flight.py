@@ -53,7 +53,7 @@ def test_watermarks_never_pass_an_unsettled_trade_with_batches_in_flight(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = OutOfOrderStore()
 
-    async def open_store(_: object) -> OutOfOrderStore:
+    async def open_store(_: object, **__: object) -> OutOfOrderStore:
         return store
 
     monkeypatch.setattr(shardmod, "open_store", open_store)

@@ -60,7 +60,7 @@ def test_wal_segments_are_deleted_only_once_the_store_made_their_trades_durable(
         deleted.append(count)
         return count
 
-    async def open_store(_: object) -> VolatileStore:
+    async def open_store(_: object, **__: object) -> VolatileStore:
         return store
 
     monkeypatch.setattr(shardmod, "open_store", open_store)
@@ -190,7 +190,7 @@ def test_the_heartbeat_goes_on_while_the_stores_sync_keeps_failing(tmp_path: Pat
     shard: the heartbeat beats on meanwhile."""
     store = SyncFailingStore()
 
-    async def open_store(_: object) -> SyncFailingStore:
+    async def open_store(_: object, **__: object) -> SyncFailingStore:
         return store
 
     monkeypatch.setattr(shardmod, "open_store", open_store)
