@@ -119,7 +119,9 @@ class Router:
     def route(self, frame: bytes, decoder: msgspec.msgpack.Decoder[StreamMessage]) -> None:
         msg = validate(frame, decoder, self.quarantine)
         if msg is not None:
-            shard = self.shard_of(msg.symbol)
+            shard = self._placement.get(msg.symbol)  # shard_of's cache, read here: this runs per frame
+            if shard is None:
+                shard = self.shard_of(msg.symbol)
             pending = self.pending[shard]
             if not self.pending_since:
                 self.pending_since = time.monotonic()

@@ -73,9 +73,7 @@ class SettleStage:
         self.m.stage["write"].observe_many(took, len(trades))
         self.m.store_batch.observe(len(trades))
         now_ns = time.time_ns()
-        lag = self.m.settle_lag
-        for trade in trades:
-            lag.observe(max(0, now_ns - trade.ts_ns) / 1e9)
+        self.m.settle_lag.observe_since(now_ns, [trade.ts_ns for trade in trades])
         for symbol, seq in batch.watermarks.items():
             st = self.sequencer.state(symbol)
             st.settled = max(st.settled, seq)

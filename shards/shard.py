@@ -143,7 +143,8 @@ class Shard(SettleStage):
         self.sequencer = Sequencer(config.wal.gap_buffer_max)
         self.unsettled: deque[Trade] = deque()  # fsynced, in WAL order, not yet acknowledged by the store
         self._buffered: list[Trade] = []  # appended to the WAL buffer, not yet fsynced
-        self._buffered_at: list[int] = []  # monotonic ns each of them was accepted (settle_stage_seconds)
+        # (monotonic ns, count): the trades of ``_buffered`` accepted at that time, in order (settle_stage_seconds)
+        self._buffered_runs: list[tuple[int, int]] = []
         # [trades, monotonic ns they became durable] per group commit, covering ``unsettled`` in order
         self._durable_runs: deque[list[int]] = deque()
         self._wal_lock = asyncio.Lock()  # the WAL's commit and checkpoint run on executor threads
@@ -461,14 +462,13 @@ class Shard(SettleStage):
             return False
         return await self._input.wait(timeout_ms / 1000)
 
-    def _accept_batch(self, messages: Sequence[StreamMessage], frames: Sequence[memoryview | None]) -> int:
+    def _accept_batch(self, messages: Sequence[StreamMessage], frames: Sequence[bytes | None]) -> int:
         """Take the trades and heartbeats of a batch from the router (checked there) or of a replay, each with
         its bytes as the ME sent them (None: encoded again for the WAL); the trades among them."""
         assert self.wal is not None
-        offer, append, buffered, buffered_at = self.sequencer.offer, self.wal.append, self._buffered, self._buffered_at
-        intake = self.m.stage["intake"].observe
+        offer, append, buffered = self.sequencer.offer, self.wal.append, self._buffered
         now_ns = time.monotonic_ns()
-        wall_ns = time.time_ns()
+        first = len(buffered)
         trades = 0
         for msg, frame in zip(messages, frames, strict=True):
             if type(msg) is Heartbeat:
@@ -485,8 +485,9 @@ class Shard(SettleStage):
             for t in ready:
                 append(t, frame if t is msg else None)  # held trades come back without their frame: encoded again
                 buffered.append(t)
-                buffered_at.append(now_ns)
-                intake(max(0, wall_ns - t.ts_ns) / 1e9)
+        if len(buffered) > first:
+            self._buffered_runs.append((now_ns, len(buffered) - first))
+            self.m.stage["intake"].observe_since(time.time_ns(), [t.ts_ns for t in buffered[first:]])
         return trades
 
     def _on_heartbeat(self, hb: Heartbeat) -> None:
@@ -501,14 +502,14 @@ class Shard(SettleStage):
         assert self.wal is not None
         wal = self.wal
         trades, self._buffered = self._buffered, []
-        accepted_at, self._buffered_at = self._buffered_at, []
+        runs, self._buffered_runs = self._buffered_runs, []
         count = len(trades)
         assert count == wal.buffered, (count, wal.buffered)
         started = time.perf_counter()
         started_ns = time.monotonic_ns()
         commit_wait = self.m.stage["commit_wait"]
-        for at in accepted_at:
-            commit_wait.observe((started_ns - at) / 1e9)
+        for accepted_ns, accepted in runs:
+            commit_wait.observe_many((started_ns - accepted_ns) / 1e9, accepted)
         if self.store is not None and self.store.read_ahead and self.settler is not None \
                 and len(self.unsettled) < READ_AHEAD_BACKLOG_MAX:
             self.settler.read_ahead(trades)  # their positions, read while the WAL commits

@@ -58,7 +58,7 @@ class Sequencer:
 
     def offer(self, trade: Trade, now_ns: int) -> list[Trade] | None:
         """Trades now in order to append (the trade and any held ones it unblocks); None for a duplicate."""
-        st = self.state(trade.symbol)
+        st = self.symbols.get(trade.symbol) or self.state(trade.symbol)  # state()'s lookup, inline: per trade
         seq = trade.seq
         if seq > st.me_latest:
             st.me_latest = seq

@@ -197,12 +197,14 @@ class HotCounter:
 
 
 class HotHistogram:
-    """A histogram for one writing thread, for per-trade observations: a bisect and two additions."""
+    """A histogram for one writing thread, for per-trade observations: a bisect and two additions, or, for the
+    trades of a batch, a sort and a bisection per bucket (:meth:`observe_since`)."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "bounds_ns", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
+        self.bounds_ns = tuple(math.floor(bound * 1e9) for bound in bounds)  # a whole ns d fits bound iff d <= this
         self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
 
@@ -214,6 +216,24 @@ class HotHistogram:
         """``times`` observations of the same ``amount`` (the trades of one batch share a stage's time)."""
         self.counts[bisect_left(self.bounds, amount)] += times
         self.sum += amount * times
+
+    def observe_since(self, now_ns: int, stamps_ns: list[int]) -> None:
+        """One observation per stamp: the seconds from it to ``now_ns`` (0 for a stamp after ``now_ns``), as
+        :meth:`observe` would make them. The stamps are sorted once, in C (a batch's come nearly in order), and
+        each bucket takes the stamps between two bisections: per trade far less than a bisect of its own."""
+        if not stamps_ns:
+            return
+        stamps = sorted(stamps_ns)
+        count = len(stamps)
+        counts = self.counts
+        below = 0  # stamps in the buckets so far: those whose wait is at most the previous bound
+        for i, bound_ns in enumerate(self.bounds_ns):
+            within = count - bisect_left(stamps, now_ns - bound_ns)  # waits of at most this bound
+            counts[i] += within - below
+            below = within
+        counts[-1] += count - below
+        past = bisect_left(stamps, now_ns)  # the stamps before now_ns: the rest waited 0
+        self.sum += (past * now_ns - sum(stamps[:past])) / 1e9
 
 
 class _OffHotCounter(HotCounter):
@@ -230,6 +250,9 @@ class _OffHotHistogram(HotHistogram):
         pass
 
     def observe_many(self, amount: float, times: int) -> None:
+        pass
+
+    def observe_since(self, now_ns: int, stamps_ns: list[int]) -> None:
         pass
 
 

@@ -20,12 +20,9 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Final
 
-from engine.core.messages import SCALE_MAX, Trade, notional, split_symbol
+from engine.core.messages import POW10, SCALE_MAX, Trade, notional, split_symbol
 from engine.core.store.base import ZERO, Batch, Position, PositionKey, Store
-
-_POW10: Final = tuple(10**scale for scale in range(SCALE_MAX + 1))
 
 log = logging.getLogger("settle.settler")
 
@@ -53,6 +50,19 @@ def position_keys(trades: Iterable[Trade], fee_account: int) -> set[PositionKey]
     return keys
 
 
+class _Cached:
+    """A cached position: its amount and ``last_seq``, updated in place as trades fold, its store key, and the
+    last batch that changed it (:meth:`Settler.prepare`)."""
+
+    __slots__ = ("amount", "last_seq", "key", "batch")
+
+    def __init__(self, amount: int, last_seq: int, key: PositionKey) -> None:
+        self.amount = amount
+        self.last_seq = last_seq
+        self.key = key
+        self.batch = 0
+
+
 class _Book:
     """One symbol's cached positions: ``account * 2`` holds the base asset, ``account * 2 + 1`` the quote."""
 
@@ -62,7 +72,7 @@ class _Book:
         self.symbol = symbol
         self.base, self.quote = split_symbol(symbol)
         self.plain = self.base != self.quote  # the unrolled arithmetic applies (see Settler._plan)
-        self.positions: dict[int, list[int]] = {}  # int key -> [amount, last_seq]
+        self.positions: dict[int, _Cached] = {}  # by int key
         self.reading: dict[int, asyncio.Task[None]] = {}  # int key -> the read ahead that fetches it
 
     def key(self, ikey: int) -> PositionKey:
@@ -82,8 +92,8 @@ class Settler:
     that partly reached the store before a crash) is left as it is.
 
     This is the shard's hot path, so the cache is shaped for it: per symbol, integer keys
-    (:class:`_Book`) and ``[amount, last_seq]`` lists updated in place; a batch gets one
-    :class:`Position` per key it touched, made once at the end. The arithmetic is :func:`deltas`,
+    (:class:`_Book`) and :class:`_Cached` entries updated in place, each holding its store key; a batch
+    gets one :class:`Position` per key it touched, made once at the end. The arithmetic is :func:`deltas`,
     unrolled for the common case (buyer, seller and fee account all distinct).
     """
 
@@ -91,6 +101,7 @@ class Settler:
         self._store = store
         self._fee_account = fee_account
         self._books: dict[str, _Book] = {}
+        self._batches = 0  # batches prepared
         self._reads_ahead: set[asyncio.Task[None]] = set()
 
     def _book(self, symbol: str) -> _Book:
@@ -108,7 +119,7 @@ class Settler:
         buyer, seller, fee, scale = trade.buyer, trade.seller, self._fee_account, trade.qty_scale
         if book.plain and buyer != seller and fee != buyer and fee != seller and 0 <= scale <= SCALE_MAX:
             qty, buyer_fee, seller_fee = trade.qty, trade.buyer_fee, trade.seller_fee
-            value = trade.price * qty // _POW10[scale]
+            value = trade.price * qty // POW10[scale]
             b, s = buyer * 2, seller * 2
             fees = buyer_fee + seller_fee
             if fees:
@@ -146,7 +157,9 @@ class Settler:
                     absent.add(ikey)
         if missing:
             await self._read_missing(missing)
-        touched: dict[_Book, dict[int, list[int]]] = {}
+        self._batches += 1
+        stamp = self._batches  # marks the positions this batch changed, so each is listed once
+        touched: list[_Cached] = []
         watermarks: dict[str, int] = {}
         for trade in trades:
             symbol, seq = trade.symbol, trade.seq
@@ -154,23 +167,16 @@ class Settler:
             watermarks[symbol] = seq
             book = books[symbol]
             positions = book.positions
-            mine = touched.get(book)
-            if mine is None:
-                mine = touched[book] = {}
-            changes = plan(trade, book)
-            for i in range(0, len(changes), 2):
-                ikey = changes[i]
+            changes = iter(plan(trade, book))
+            for ikey, change in zip(changes, changes, strict=True):  # (ikey, change) pairs
                 current = positions[ikey]
-                if seq > current[1]:
-                    current[0] += changes[i + 1]
-                    current[1] = seq
-                    mine[ikey] = current
-        out: dict[PositionKey, Position] = {}
-        for book, mine in touched.items():
-            key_of = book.key
-            for ikey, current in mine.items():
-                out[key_of(ikey)] = Position(current[0], current[1])
-        return Batch(trades, out, watermarks)
+                if seq > current.last_seq:
+                    current.amount += change
+                    current.last_seq = seq
+                    if current.batch != stamp:
+                        current.batch = stamp
+                        touched.append(current)
+        return Batch(trades, {c.key: Position(c.amount, c.last_seq) for c in touched}, watermarks)
 
     async def _read_missing(self, missing: dict[_Book, set[int]]) -> None:
         """Cache the positions ``missing``: wait for the reads ahead that fetch some of them, read the rest."""
@@ -189,7 +195,7 @@ class Settler:
         for key, (book, ikey) in wanted.items():
             if ikey not in book.positions:
                 row = loaded.get(key, ZERO)
-                book.positions[ikey] = [row.amount, row.last_seq]
+                book.positions[ikey] = _Cached(row.amount, row.last_seq, key)
 
     def read_ahead(self, trades: list[Trade]) -> None:
         """Start reading the positions ``trades`` will touch that are neither cached nor being read, and

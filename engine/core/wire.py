@@ -66,7 +66,7 @@ def batch_decoder() -> msgspec.msgpack.Decoder[list[StreamMessage]]:
 
 def decode_batch(data: bytes, decoder: msgspec.msgpack.Decoder[list[StreamMessage]],
                  frame_decoder: msgspec.msgpack.Decoder[StreamMessage]) -> FrameBatch:
-    """The messages of one batch and, for each, its bytes as the ME sent them (views into ``data``).
+    """The messages of one batch and, for each, its bytes as the ME sent them.
 
     The router checked every frame, so the array decodes in one call. Should one frame not decode all the
     same, the frames are decoded one by one and only those that fail are rejected (``FrameBatch.rejected``)."""
@@ -84,15 +84,16 @@ def decode_batch(data: bytes, decoder: msgspec.msgpack.Decoder[list[StreamMessag
         lengths.byteswap()
     if sum(lengths) != len(data) - start:
         raise WireError(f"batch frame lengths add up to {sum(lengths)} bytes, the batch holds {len(data) - start}")
-    view = memoryview(data)
+    # Each frame a bytes of its own, not a view into ``data``: the WAL checksums and copies it, and both go a
+    # third faster from bytes (about 75 ns a trade).
     frames = []
     offset = start
     for length in lengths:
         end = offset + length
-        frames.append(view[offset:end])
+        frames.append(data[offset:end])
         offset = end
     try:
-        messages = decoder.decode(view[start - 5 :])
+        messages = decoder.decode(memoryview(data)[start - 5 :])
     except msgspec.DecodeError:
         return _one_by_one(frames, frame_decoder)
     if len(messages) != count:
@@ -102,17 +103,17 @@ def decode_batch(data: bytes, decoder: msgspec.msgpack.Decoder[list[StreamMessag
 
 class FrameBatch(NamedTuple):
     messages: list[StreamMessage]
-    frames: list[memoryview]  # ``messages[i]`` as the ME sent it
+    frames: list[bytes]  # ``messages[i]`` as the ME sent it
     rejected: list[tuple[bytes, str]]  # frames that did not decode, with the decoder's reason
 
 
-def _one_by_one(frames: list[memoryview], frame_decoder: msgspec.msgpack.Decoder[StreamMessage]) -> FrameBatch:
+def _one_by_one(frames: list[bytes], frame_decoder: msgspec.msgpack.Decoder[StreamMessage]) -> FrameBatch:
     batch = FrameBatch([], [], [])
     for frame in frames:
         try:
             batch.messages.append(frame_decoder.decode(frame))
         except msgspec.DecodeError as e:
-            batch.rejected.append((bytes(frame), str(e)))
+            batch.rejected.append((frame, str(e)))
         else:
             batch.frames.append(frame)
     return batch

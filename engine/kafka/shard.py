@@ -215,10 +215,7 @@ class KafkaShard(SettleStage):
         if out is None:
             self.m.duplicates.inc()
             return True
-        now_ns = time.time_ns()
-        intake = self.m.stage["intake"]
-        for t in out:
-            intake.observe(max(0, now_ns - t.ts_ns) / 1e9)
+        self.m.stage["intake"].observe_since(time.time_ns(), [t.ts_ns for t in out])
         ready.extend(out)
         return bool(out)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from dataclasses import replace
 
 import pytest
+from msgspec.structs import replace
 
 from engine.core.messages import Trade, encoder, split_symbol
 from engine.core.settlement import Settler, deltas

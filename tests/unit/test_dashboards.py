@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,29 @@ def test_hot_histogram_exposes_what_prometheus_client_would() -> None:
     ours = _exposition(hot_registry, "settle_lag_seconds")
     assert ours == _exposition(reference_registry, "settle_lag_seconds")
     assert 'settle_lag_seconds_bucket{le="+Inf",shard="4"} 12.0' in ours
+
+
+def test_hot_histogram_observes_a_batch_of_stamps_as_one_by_one() -> None:
+    """``observe_since`` (a sort and a bisection per bucket) puts every stamp where ``observe`` of its wait
+    would, stamps after ``now`` included (a wait of 0), and adds the same sum."""
+    import random
+
+    rng = random.Random(7)
+    now_ns = 1_800_000_000_000_000_000
+    bounds_ns = [math.floor(b * 1e9) for b in metrics.LATENCY_BUCKETS_S]
+    waits = [0, 1, -5, *bounds_ns, *(b + 1 for b in bounds_ns), *(b - 1 for b in bounds_ns), 10**12]
+    waits += [rng.randrange(-10**6, 60 * 10**9) for _ in range(2000)]
+    rng.shuffle(waits)
+    stamps = [now_ns - w for w in waits]
+    batch, one_by_one = metrics.HotHistogram(metrics.LATENCY_BUCKETS_S), metrics.HotHistogram(metrics.LATENCY_BUCKETS_S)
+    batch.observe_since(now_ns, stamps[:1000])
+    batch.observe_since(now_ns, stamps[1000:])
+    batch.observe_since(now_ns, [])
+    for stamp in stamps:
+        one_by_one.observe(max(0, now_ns - stamp) / 1e9)
+    assert batch.counts == one_by_one.counts
+    assert sum(batch.counts) == len(stamps)
+    assert batch.sum == pytest.approx(one_by_one.sum, rel=1e-12)
 
 
 def test_hot_counters_count_and_start_at_zero() -> None:

@@ -21,13 +21,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from engine.core.messages import Trade
 
 PositionKey = tuple[int, str, str]  # (account, asset, symbol)
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
+class Position(msgspec.Struct, frozen=True, gc=False):
+    """A position's row. A msgspec Struct: a batch makes one per position it touched, and a Struct is made
+    about five times as fast as a frozen dataclass. Not tracked by the cyclic collector (two ints)."""
+
     amount: int
     last_seq: int
 

@@ -62,7 +62,7 @@ from engine.core.errors import ClosedError, ConfigError, StoreRejected, StoreUna
 from engine.core.messages import Trade
 from engine.core.retry import Backoff
 from engine.core.store.base import Batch, Position, PositionKey
-from engine.core.store.schema import check_batch, cql_statements, ledger_bucket, sum_by_asset
+from engine.core.store.schema import check_batch, check_watermarks, cql_statements, ledger_bucket, sum_by_asset
 
 log = logging.getLogger(__name__)
 
@@ -720,22 +720,26 @@ class CassandraStore:
         """The batch's ledger and positions, with the watermarks due from earlier writes. Its own watermarks
         are due from now on: they go out with the next write or sync, since a watermark may only be written
         once its rows are acknowledged, and waiting for that here would double the write's latency."""
-        check_batch(batch)
+        check_watermarks(batch)
         if self._session is None:
             raise ClosedError(f"{self._where}: the store is closed")
+        self._cancel_marks_timer()  # the due watermarks go with these rows
+        marks = dict(self._marks_due)
+        try:  # every row is serialised before anything is sent: a value beyond 64 bits sends nothing
+            ledger = self._ledger_rows(batch.trades)
+            if self._config.logged_batches:
+                requests = self._logged_batches(batch) + self._partition_batches({}, {}, marks)
+            else:
+                requests = self._partition_batches(ledger, batch.positions, marks)
+        except struct.error as e:
+            check_batch(batch)  # names the value
+            raise StoreRejected(f"{self._where}: refused a value: {e}; the batch was not written") from e
         # A ledger bucket is recorded before any row lands in it, so ledger() finds every row.
-        ledger = self._ledger_rows(batch.trades)
         new_buckets = ledger.keys() - self._known_buckets
         if new_buckets:
             await self._all([self._st.ledger_bucket.bind((s, b, b)) for s, b in sorted(new_buckets)])
             self._known_buckets |= new_buckets
-
-        self._cancel_marks_timer()  # the due watermarks go with these rows
-        marks = dict(self._marks_due)
-        if self._config.logged_batches:
-            await self._all(self._logged_batches(batch) + self._partition_batches({}, {}, marks))
-        else:
-            await self._all(self._partition_batches(ledger, batch.positions, marks))
+        await self._all(requests)
         self._marks_sent(marks)
         await self.advance_watermarks(batch.watermarks)
 

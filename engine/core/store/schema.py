@@ -1,8 +1,10 @@
 """What the stores hold: the value bounds both enforce, and the CQL schema with its migration.
 
-Both stores keep every integer in a signed 64-bit column (SQLite INTEGER, CQL ``bigint``).
-:func:`check_batch` rejects a batch holding a value outside that range before anything is written, so
-a rejected batch leaves the store untouched.
+Both stores keep every integer in a signed 64-bit column (SQLite INTEGER, CQL ``bigint``). A batch holding a
+value outside that range is rejected whole and leaves the store untouched: the stores find out as they
+serialise its values (SQLite inside the write's transaction, which rolls back; the CQL store before it sends
+anything), then :func:`check_batch` names the value in the :class:`StoreRejected`. Checking every value before
+every write cost about 0.4 us of CPU a trade.
 
 The CQL tables (``docs/storage.md`` explains the choices)::
 
@@ -15,7 +17,8 @@ The CQL tables (``docs/storage.md`` explains the choices)::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Final
 
 from engine.core.errors import ConfigError, StoreRejected
@@ -47,12 +50,10 @@ def ledger_bucket(seq: int) -> int:
     return seq // LEDGER_BUCKET_SEQS
 
 
-def ledger_ints(trade: Trade) -> tuple[int, ...]:
-    """A trade's ledger values in :data:`LEDGER_INT_COLUMNS` order."""
-    return (
-        trade.seq, trade.trade_id, trade.output_sequence, trade.buyer, trade.seller,
-        trade.price, trade.qty, trade.buyer_fee, trade.seller_fee, trade.ts_ns,
-    )  # fmt: skip
+# A trade's ledger values in LEDGER_INT_COLUMNS order; and its ledger row, ``symbol`` first. Both are read in one
+# call of C code (operator.attrgetter), a ledger row per trade being a store's hot path.
+ledger_ints: Final[Callable[[Trade], tuple[int, ...]]] = attrgetter(*LEDGER_INT_COLUMNS)
+ledger_row: Final[Callable[[Trade], tuple[str | int, ...]]] = attrgetter("symbol", *LEDGER_INT_COLUMNS)
 
 
 def sum_by_asset(rows: Iterable[tuple[str, int]]) -> dict[str, int]:
@@ -94,6 +95,12 @@ def check_batch(batch: Batch) -> None:
                     f"{position.last_seq}: {name} = {value} does not fit the store's signed 64-bit range "
                     f"[-2**63, 2**63); the batch was not written"
                 )
+    check_watermarks(batch)
+
+
+def check_watermarks(batch: Batch) -> None:
+    """Raise :class:`StoreRejected` for a watermark outside ``[0, 2**63)``; a few per batch, checked before
+    every write (a store would take a negative one; a value beyond 64 bits it refuses as it binds it)."""
     for symbol, seq in batch.watermarks.items():
         if not 0 <= seq <= INT64_MAX:
             raise StoreRejected(
