@@ -366,6 +366,24 @@ async def check_load_positions_returns_what_was_written(open_store: OpenStore) -
         assert _nonzero(await other.balances(5000)) == {f"A{i}": (i - 60) * 3 for i in range(130) if i != 60}
 
 
+async def check_load_positions_of_many_accounts(open_store: OpenStore) -> None:
+    """A read of hundreds of accounts (a shard's first batches) finds each asked position, whatever requests the
+    store splits it into, and nothing it was not asked for; accounts asking for different assets mixed."""
+    rng = random.Random(71)
+    rows = {(account, asset, symbol): Position(rng.randrange(-10**9, 10**9), rng.randrange(1, 10**6))
+            for account in range(1, 301) for asset in (f"C{account % 7}", "USDT", "BTC") for symbol in SYMBOLS[:2]}
+    async with opened(open_store) as open_:
+        store = await open_("main")
+        await store.write(Batch([trade("BTC-USDT", 1, 1, 2)], rows, {}))
+        asked = [key for key in rows if rng.random() < 0.7]
+        asked += [(account, "ZZZ", SYMBOLS[0]) for account in range(1, 301, 3)]  # absent assets
+        asked += [(account, "USDT", SYMBOLS[0]) for account in range(1000, 1200)]  # absent accounts
+        rng.shuffle(asked)
+        reader = await open_("main")
+        assert await reader.load_positions(list(rows)) == rows
+        assert await reader.load_positions(asked) == {key: rows[key] for key in asked if key in rows}
+
+
 async def check_ledger_lists_seqs_in_order(open_store: OpenStore) -> None:
     # Sequences spanning several 100 000-seq ledger buckets (the CQL store partitions by them),
     # written newest batch first.
@@ -436,6 +454,7 @@ CHECKS: list[Check] = [
     check_conservation,
     check_out_of_range_values_rejected,
     check_load_positions_returns_what_was_written,
+    check_load_positions_of_many_accounts,
     check_ledger_lists_seqs_in_order,
     check_close_is_idempotent,
     check_a_write_is_visible_before_sync,
