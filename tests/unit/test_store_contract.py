@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
@@ -207,6 +208,43 @@ def test_a_file_whose_schema_is_not_committed_yet_is_read_as_empty(tmp_path: Pat
             await contract.settle(store, contract.stream(["BTC-USDT"], 5, seed=2))
             assert await store.watermarks() == {"BTC-USDT": 5}
             assert not store._others  # the empty file was not kept: it is opened again when next found
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_file_made_after_a_trusted_listing_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard lists the store's directory again only when the directory's mtime moved: a file created later
+    (a new shard's, or a Kafka partition's new owner's) is still read, and an unchanged directory is not
+    listed again."""
+    path = str(tmp_path / "settle.db")
+    trades = contract.stream(["BTC-USDT"], 20, seed=3)
+    listings: list[str] = []
+    store_files = embedded.store_files
+
+    def listing(p: str) -> list[str]:
+        listings.append(p)
+        return store_files(p)
+
+    monkeypatch.setattr(embedded, "store_files", listing)
+
+    async def main() -> None:
+        store = await EmbeddedStore.open(path, shard=0)
+        try:
+            past = time.time() - 60
+            os.utime(tmp_path, (past, past))  # the last change long before the listing: the listing is trusted
+            assert await store.load_positions([(1, "BTC", "BTC-USDT")]) == {}
+            assert await store.load_positions([(1, "BTC", "BTC-USDT")]) == {}
+            assert len(listings) == 1, "an unchanged directory was listed again"
+            other = await EmbeddedStore.open(path, shard=1)
+            try:
+                await contract.settle(other, trades)
+                expected = await other.positions()
+            finally:
+                await other.close()
+            assert expected
+            assert await store.load_positions(list(expected)) == expected
         finally:
             await store.close()
 

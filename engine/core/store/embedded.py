@@ -41,6 +41,7 @@ import functools
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +56,10 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS: Final = 2_000  # a tool writing the same file holds its write lock for a few ms
 INLINE_TRADES_MAX: Final = 2_000  # larger batches are written on the store's thread
 _KEYS_PER_SELECT: Final = 300  # 3 parameters each; under SQLite's oldest 999-parameter limit
+# A file system stamps a directory's mtime from a coarse clock (a few ms a tick): a file created in the tick of
+# a listing may leave the mtime as the listing saw it. A listing is trusted only while the directory's mtime
+# stays what it was and was this much older than the listing.
+_LISTING_SETTLED_NS: Final = 1_000_000_000
 
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS ledger (
@@ -194,6 +199,8 @@ class EmbeddedStore:
         self._own_path = own_path  # the file this process writes: ``path``, or its shard's
         self._conn: sqlite3.Connection | None = conn
         self._others: dict[str, sqlite3.Connection] = {}  # the store's other files, opened as they are found
+        self._directory = os.path.dirname(os.path.abspath(path))
+        self._listed_mtime_ns: int | None = None  # the directory's mtime when a listing found every file it has
         self._busy_timeout_ms = busy_timeout_ms
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle-sqlite")
 
@@ -214,12 +221,28 @@ class EmbeddedStore:
         return f"EmbeddedStore({self._own_path!r}, {state})"
 
     def _other_files(self) -> list[sqlite3.Connection]:
-        """Connections to every other file of the store, opening the ones that appeared since the last call."""
-        for path in store_files(self._path):
-            if path != self._own_path and path not in self._others:
-                conn = _open_reader(path, self._busy_timeout_ms)
-                if conn is not None:
-                    self._others[path] = conn
+        """Connections to every other file of the store, opening the ones that appeared since the last call.
+
+        The directory is listed again only when its mtime moved (a file was created or removed in it): a shard
+        reads positions for nearly every batch below capacity, and a listing cost more than the read."""
+        if self._path == ":memory:":
+            return []
+        try:
+            mtime_ns = os.stat(self._directory).st_mtime_ns
+        except FileNotFoundError:
+            mtime_ns = None
+        if mtime_ns is None or mtime_ns != self._listed_mtime_ns:
+            listed_ns = time.time_ns()
+            complete = True
+            for path in store_files(self._path):
+                if path != self._own_path and path not in self._others:
+                    conn = _open_reader(path, self._busy_timeout_ms)
+                    if conn is None:
+                        complete = False  # its schema is not committed yet, which leaves the mtime alone
+                    else:
+                        self._others[path] = conn
+            settled = mtime_ns is not None and listed_ns - mtime_ns > _LISTING_SETTLED_NS
+            self._listed_mtime_ns = mtime_ns if complete and settled else None
         return list(self._others.values())
 
     def _everywhere(self, fn: Callable[[sqlite3.Connection], Iterable[T]]) -> Callable[[sqlite3.Connection], list[T]]:
