@@ -684,13 +684,18 @@ class ShardWal:
         if not self.fsync:
             return
         try:
-            if len(fds) == 1:
+            futures: list[Future[None]] = []
+            if len(fds) > 1:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(FSYNC_THREADS_MAX, thread_name_prefix="wal-fsync")
+                futures = [self._executor.submit(os.fdatasync, fd) for fd in fds[1:]]
+            # The calling thread syncs the first file itself: it would only wait, and a hand-off costs CPU.
+            errors: list[BaseException] = []
+            try:
                 os.fdatasync(fds[0])
-                return
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(FSYNC_THREADS_MAX, thread_name_prefix="wal-fsync")
-            futures: list[Future[None]] = [self._executor.submit(os.fdatasync, fd) for fd in fds]
-            errors = [e for e in (f.exception() for f in futures) if e is not None]
+            except OSError as e:
+                errors.append(e)
+            errors += [e for e in (f.exception() for f in futures) if e is not None]
             if errors:
                 raise errors[0]
         except OSError as e:

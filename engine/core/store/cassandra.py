@@ -88,8 +88,10 @@ LEDGER_ROW_WEIGHT: Final = 2
 # Cassandra warns above 10 (unlogged_batch_across_partitions_warn_threshold).
 PARTITIONS_PER_BATCH: Final = 10
 # Watermarks due go out with the next write's rows; with no write this long after them, they go alone, so
-# readers of the store (status, audits) see a quiet stream's last batch settled within milliseconds.
-MARKS_ALONE_AFTER_S: Final = 0.005
+# readers of the store (status, audits) see a quiet stream's last batch settled within this bound. At 5 ms,
+# below capacity (a write every few ms) most batches' watermarks still went alone: a request more per batch,
+# each costing the server and the driver about what a batch of rows does.
+MARKS_ALONE_AFTER_S: Final = 0.05
 LOGGED_TRADES_PER_BATCH: Final = 4  # logged mode: trades (with the positions they finish) per LOGGED batch
 
 # Errors a later attempt may not see: the server is slow, down, restarting or overloaded. The driver's own
