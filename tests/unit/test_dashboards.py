@@ -311,8 +311,8 @@ def test_hot_histogram_exposes_what_prometheus_client_would() -> None:
 
 
 def test_hot_histogram_observes_a_batch_of_stamps_as_one_by_one() -> None:
-    """``observe_since`` (a sort and a bisection per bucket) puts every stamp where ``observe`` of its wait
-    would, stamps after ``now`` included (a wait of 0), and adds the same sum."""
+    """``observe_since`` (a sort and a bisection per bucket, or a bisect per stamp for a few) puts every stamp
+    where ``observe`` of its wait would, stamps after ``now`` included (a wait of 0), and adds the same sum."""
     import random
 
     rng = random.Random(7)
@@ -324,7 +324,11 @@ def test_hot_histogram_observes_a_batch_of_stamps_as_one_by_one() -> None:
     stamps = [now_ns - w for w in waits]
     batch, one_by_one = metrics.HotHistogram(metrics.LATENCY_BUCKETS_S), metrics.HotHistogram(metrics.LATENCY_BUCKETS_S)
     batch.observe_since(now_ns, stamps[:1000])
-    batch.observe_since(now_ns, stamps[1000:])
+    start = 1000
+    while start < len(stamps):  # small batches too, observed stamp by stamp: 1 to 25 stamps at a time
+        size = 1 + start % 25
+        batch.observe_since(now_ns, stamps[start : start + size])
+        start += size
     batch.observe_since(now_ns, [])
     for stamp in stamps:
         one_by_one.observe(max(0, now_ns - stamp) / 1e9)
