@@ -35,6 +35,10 @@ from engine.verify.demo import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_GRACE_S = 120.0  # the script waits for its server itself; this only bounds a hung script
+START_ATTEMPTS_ON_PORTS_TAKEN = 3  # starts on fresh ports when a picked port was taken before the server bound it
+ADDRESS_IN_USE = "Address already in use"  # what the JVM logs (and the script shows) when a bind fails
+
+log = logging.getLogger("settle.verify.servers")
 
 
 def script_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -116,7 +120,17 @@ class OpsServer:
         args = ["start", str(self._data_dir), *extra]
         if port is not None:
             args += [self.port_flag, str(port)]
-        out = self._run(*args)
+        for attempt in range(1, START_ATTEMPTS_ON_PORTS_TAKEN + 1):
+            try:
+                out = self._run(*args)
+                break
+            except ServerError as e:
+                # Ports are picked free, but the server binds its client port last, seconds later: another
+                # process may take one meanwhile. Start again on fresh ports, unless the caller fixed them.
+                if port is not None or ADDRESS_IN_USE not in str(e) or attempt == START_ATTEMPTS_ON_PORTS_TAKEN:
+                    raise
+                log.warning("%s: a port was taken while it started (attempt %d); starting on fresh ports",
+                            self.title, attempt)
         self._port = int((self._data_dir / self.port_file).read_text().strip())
         if "ready in " in out:
             self.started_in_s = float(out.rsplit("ready in ", 1)[1].split()[0])

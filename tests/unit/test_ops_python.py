@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.verify.servers import REPO_ROOT, CassandraServer, KafkaServer
+from engine.verify.servers import REPO_ROOT, CassandraServer, KafkaServer, ServerError
 
 FAKE_SCRIPT = """set -eu
 [ "$1" = start ]
@@ -52,3 +52,37 @@ def test_the_scripts_run_python_only_through_PYTHON() -> None:
             if re.search(r"(?<![\w{:-])python3?\b", code) and 'PYTHON="${PYTHON:-python3}"' not in code:
                 bare.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
     assert bare == []
+
+
+_PORT_RACE_SCRIPT = """#!/bin/bash
+# start DATA_DIR [--cql-port P]: fails FAILS times as a JVM whose port was taken, or with another error
+dir="$2"
+n=$(( $(cat "$dir/attempts" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$dir/attempts"
+if (( n <= FAILS )); then
+    echo "Caused by: bind(..) failed with error(-98): ${ERROR:-Address already in use}" >&2
+    exit 1
+fi
+echo 19999 > "$dir/cql.port"; echo "ready in 0.5 s"
+"""
+
+
+@pytest.mark.parametrize(("fails", "error", "port", "attempts", "started"), [
+    (1, "Address already in use", None, 2, True),
+    (2, "Address already in use", None, 3, True),
+    (3, "Address already in use", None, 3, False),  # START_ATTEMPTS_ON_PORTS_TAKEN, then the error
+    (1, "Address already in use", 19999, 1, False),  # a port the caller fixed is not swapped for another
+    (1, "No space left on device", None, 1, False),  # any other failure is not retried
+])
+def test_a_start_whose_port_was_taken_meanwhile_starts_again_on_fresh_ports(
+        tmp_path: Path, fails: int, error: str, port: int | None, attempts: int, started: bool) -> None:
+    script = tmp_path / "cassandra.sh"
+    script.write_text(_PORT_RACE_SCRIPT)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    server = CassandraServer(script=script, env={"FAILS": str(fails), "ERROR": error})
+    if started:
+        assert server.start(data_dir, port=port).port == 19999
+    else:
+        with pytest.raises(ServerError, match=error):
+            server.start(data_dir, port=port)
+    assert int((data_dir / "attempts").read_text()) == attempts
